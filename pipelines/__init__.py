@@ -1,0 +1,1 @@
+"""hrbatch pipelines: one module per HR batch operation, plus the CLI."""

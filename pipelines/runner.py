@@ -1,0 +1,16 @@
+"""Which Beam runner executes when the user asks for the DirectRunner (or names none).
+
+Beam's ``DirectRunner`` first tries the Prism runner, whose binary it downloads at run time; offline
+that fails and it falls back to the ``FnApiRunner``, which is what really executes batch pipelines
+locally (it honours ``--direct_num_workers`` and ``--direct_running_mode``). hrbatch names that runner
+directly, so local runs and tests never depend on a download and always run on the same engine.
+"""
+LOCAL_RUNNER = 'FnApiRunner'
+_DIRECT_ALIASES = {None, '', 'direct', 'directrunner', 'switchingdirectrunner', 'fnapirunner', 'fnapi'}
+
+
+def resolve_runner(requested: str | None) -> str:
+    """The runner name to hand to Beam for the user's ``--runner`` value."""
+    if requested is None or requested.lower() in _DIRECT_ALIASES:
+        return LOCAL_RUNNER
+    return requested

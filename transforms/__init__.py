@@ -1,0 +1,1 @@
+"""Reusable Apache Beam transforms and the pure logic they call."""
