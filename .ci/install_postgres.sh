@@ -1,8 +1,8 @@
-#!/bin/sh
+#!/usr/bin/env bash
 # Installs the PostgreSQL server binaries (initdb, pg_ctl, postgres) that the tests' fixture
 # (tests/fixtures/postgres.py) starts a throw-away server with. Idempotent: does nothing when a
 # server is already installed. Debian/Ubuntu only (apt-get); run as root or with sudo available.
-set -eu
+set -euo pipefail
 
 if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     echo "install_postgres: PostgreSQL server already installed: $(ls -d /usr/lib/postgresql/*/bin | tr '\n' ' ')"

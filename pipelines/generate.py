@@ -77,6 +77,9 @@ _EMPLOYERS_STREAM = 3
 _FAMILY_COUNT = 300
 _FAMILY_SIZE = 25
 _EMPLOYER_COUNT = 500
+# Within a family, the first skills are its core (every accountant knows accounting): they are drawn
+# more often, by candidates and offers alike, which is what makes people and jobs of a trade match.
+_CORE_WEIGHT = 1.0 / np.arange(1, _FAMILY_SIZE + 1) ** 1.0
 
 # Faker's French cities are mostly mid-size towns; the largest cities are added so that the data
 # concentrates where French jobs and candidates do. Weights are populations in thousands (INSEE
@@ -285,11 +288,15 @@ def _ids(prefix: str, numbers: np.ndarray, digits: int) -> pa.Array:
     return pc.binary_join_element_wise(prefix, pc.utf8_lpad(pa.array(numbers).cast(pa.string()), digits, '0'), '')
 
 
-def _first_in_order(rng: np.random.Generator, shape: tuple[int, int], excluded: np.ndarray | None = None):
-    """A random column order per row (argsort of uniform keys); ``excluded`` columns sort last."""
-    keys = rng.random(shape)
+def _weighted_order(rng: np.random.Generator, weights: np.ndarray, excluded: np.ndarray | None = None):
+    """Per row, a random order of the columns where heavier columns tend to come first.
+
+    Sorting exponential keys divided by the weights is weighted sampling without replacement
+    (Efraimidis-Spirakis), vectorised over rows. ``excluded`` columns sort last.
+    """
+    keys = rng.exponential(size=weights.shape) / weights
     if excluded is not None:
-        keys[excluded] = 2.0
+        keys[excluded] = np.inf
     return np.argsort(keys, axis=1, kind='stable')
 
 
@@ -315,7 +322,7 @@ def _candidate_skills(rng: np.random.Generator, families: _JobFamilies, n: int) 
     excluded[:, _FAMILY_SIZE:] = ~has_second[:, None]
     total = rng.integers(5, 16, size=n)
     outside = np.minimum(rng.integers(0, 4, size=n), total - 2)
-    order = _first_in_order(rng, pool.shape, excluded)[:, :15]
+    order = _weighted_order(rng, np.broadcast_to(np.tile(_CORE_WEIGHT, 2), pool.shape), excluded)[:, :15]
     from_family = np.take_along_axis(pool, order, axis=1)
     free = families.free_skills[_distinct_draws(rng, len(families.free_skills), n, 3)]
     codes = np.concatenate([from_family, free], axis=1)
@@ -327,7 +334,7 @@ def _offer_skills(rng: np.random.Generator, families: _JobFamilies,
                   family: np.ndarray) -> tuple[pa.ListArray, pa.ListArray]:
     """3-6 required and 0-4 nice-to-have skills of the offer's family, disjoint by construction."""
     n = len(family)
-    order = _first_in_order(rng, (n, _FAMILY_SIZE))[:, :10]
+    order = _weighted_order(rng, np.broadcast_to(_CORE_WEIGHT, (n, _FAMILY_SIZE)))[:, :10]
     picked = np.take_along_axis(families.skills[family], order, axis=1)
     required = rng.integers(3, 7, size=n)[:, None]
     nice = rng.integers(0, 5, size=n)[:, None]
@@ -342,11 +349,30 @@ def _years_experience(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.round(np.clip(rng.gamma(2.0, 4.5, size=n), 0.0, 40.0), 1)
 
 
+def _market_salary(years: np.ndarray) -> np.ndarray:
+    """Typical gross annual EUR for a career length: ~26k to start, ~62k after 20 years, ~79k after 40.
+
+    Shared by candidates and offers so that expectations and salary bands overlap as they do in life.
+    """
+    return 26_000 + 30_000 * (1 - np.exp(-years / 12)) + 600 * years
+
+
+def _round_salary(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    return np.round(np.clip(values, low, high) / 500) * 500
+
+
 def _expected_salary(rng: np.random.Generator, years: np.ndarray) -> np.ndarray:
-    """Gross annual EUR: ~26k for a beginner, ~60k after 20 years, noisy, 22k..90k, by 500 EUR."""
-    base = 26_000 + 30_000 * (1 - np.exp(-years / 12)) + 600 * years
-    noisy = base * rng.lognormal(0.0, 0.15, size=len(years))
-    return np.round(np.clip(noisy, 22_000, 90_000) / 500) * 500
+    """The market salary for the candidate's experience, noisy, 22k..90k, by 500 EUR."""
+    return _round_salary(_market_salary(years) * rng.lognormal(0.0, 0.15, size=len(years)), 22_000, 90_000)
+
+
+def _salary_band(rng: np.random.Generator, min_years: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A band 10-30 % wide, starting near the market salary of someone a few years above the minimum
+    (offers are filled by people with more than the minimum experience)."""
+    n = len(min_years)
+    low = _round_salary(0.95 * _market_salary(min_years + 3) * rng.lognormal(0.0, 0.12, size=n), 22_000, 75_000)
+    high = np.maximum(np.round(low * rng.uniform(1.10, 1.30, size=n) / 500) * 500, low + 500)
+    return low, high
 
 
 def _contract_sets(rng: np.random.Generator, years: np.ndarray) -> pa.ListArray:
@@ -419,9 +445,7 @@ def _offer_block(seed: int, block: int) -> pa.RecordBatch:
     contract = rng.choice(len(schemas.CONTRACT_TYPES), size=n, p=_OFFER_CONTRACT_P)
     for_students = np.isin(contract, [schemas.CONTRACT_TYPES.index(c) for c in _STUDENT_CONTRACTS])
     min_years = np.where(for_students, 0, np.minimum(rng.geometric(0.3, size=n) - 1, 10)).astype(np.float64)
-    salary_min = np.round(np.clip((26_000 + 2_500 * min_years) * rng.lognormal(0.0, 0.12, size=n),
-                                  22_000, 75_000) / 500) * 500
-    salary_max = np.maximum(np.round(salary_min * rng.uniform(1.10, 1.30, size=n) / 500) * 500, salary_min + 500)
+    salary_min, salary_max = _salary_band(rng, min_years)
     threshold = np.round(rng.uniform(0.45, 0.80, size=n), 2)
     seniority = np.where(min_years <= 1, ' junior (H/F)', np.where(min_years >= 6, ' senior (H/F)', ' (H/F)'))
     columns = {

@@ -8,9 +8,11 @@ Batches may have any size.
 Where the rows go depends on ``target``:
 
 * ``sqlite:///<path>`` or ``postgresql://...`` (a libpq URL): rows are upserted on the schema key
-  into ``table`` (default: the schema name). The table is created at pipeline construction if it does
-  not exist, with ``PRIMARY KEY`` = the schema key; if it exists with other columns, types or key,
-  construction fails with a ``ConfigError``. Each transaction holds at most ``max_batch_rows`` rows.
+  into ``table`` (default: the schema name). The table (and a SQLite file's directory) is created at
+  pipeline construction if it does not exist, with ``PRIMARY KEY`` = the schema key; if it exists
+  with other columns, types or key, construction fails with a ``ConfigError``. Each transaction
+  holds at most ``max_batch_rows`` rows; SQLite runs in WAL mode with a busy timeout, so several
+  local workers can write at once.
   Output: a PCollection of ``int``, the row count of each committed transaction.
 * anything else is a directory (local or ``gs://``): each partition is written as exactly one
   Parquet file, rows sorted by the key, published by rename. Output: a PCollection of the published
@@ -23,7 +25,7 @@ the same rows, and for Parquet byte-identical files with the same names (with th
 version: the writer records it in the file footer). An update of a key in a later run replaces its
 row. Keys must be unique in the input: a Parquet partition with two rows of one key fails the job
 (it would break the key contract silently); in SQL the last upsert of a key would win in an
-unspecified order, so de-duplicate upstream (on ``_source``/``_row``) before writing.
+unspecified order, so de-duplicate upstream (``transforms.deduplicate.DropDuplicateKeys``).
 
 SQL types (from the declared Arrow types)
 -----------------------------------------
@@ -65,6 +67,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import pathlib
 import re
 import sqlite3
 import typing
@@ -125,6 +128,10 @@ class SqlTarget:
         if self.dialect == 'sqlite':
             return SQLITE_PREFIX + self.location
         return redact_url(self.location)
+
+    def __repr__(self) -> str:
+        # Tracebacks and Beam's messages may show the repr: never the password.
+        return f'SqlTarget({self.dialect!r}, {str(self)!r})'
 
 
 def redact_url(url: str) -> str:
@@ -316,8 +323,8 @@ def _sql_type(arrow_type: pa.DataType, dialect: str) -> str | None:
         return 'INTEGER'
     if pa.types.is_date32(arrow_type):
         return 'DATE'
-    if ((pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type))
-            and (pa.types.is_string(arrow_type.value_type) or pa.types.is_large_string(arrow_type.value_type))):
+    is_list = pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
+    if is_list and (pa.types.is_string(arrow_type.value_type) or pa.types.is_large_string(arrow_type.value_type)):
         return 'TEXT[]' if dialect == 'postgresql' else 'JSON'
     return None
 
@@ -425,6 +432,9 @@ def ensure_table(target: SqlTarget, table: str, schema: RecordSchema) -> None:
     once cannot race.
     """
     try:
+        if target.dialect == 'sqlite':
+            # Like a Parquet target's directory, the database's directory is created on demand.
+            pathlib.Path(target.location).parent.mkdir(parents=True, exist_ok=True)
         conn = connect(target)
     except Exception as error:  # the driver's own errors: sqlite3.Error, psycopg.Error, OSError
         raise ConfigError(f'target {target}: cannot connect to the database to create table '
@@ -438,8 +448,20 @@ def ensure_table(target: SqlTarget, table: str, schema: RecordSchema) -> None:
     if found != expected or set(found_key) != set(schema.key):
         raise ConfigError(
             f'table {table!r} in {target} exists with columns {found} and primary key {list(found_key)}, '
-            f'but schema {schema.name!r} expects columns {expected} and primary key {list(schema.key)}. '
+            f'but schema {schema.name!r} expects columns {expected} and primary key {list(schema.key)} '
+            f'({column_differences(found, expected)}). '
             f'Write to another table (table=...), or migrate or drop {table!r}.')
+
+
+def column_differences(found: dict[str, str], expected: dict[str, str]) -> str:
+    """What differs between two ``{column: type}``, in words, so a long column list need no diffing."""
+    missing = [n for n in expected if n not in found]
+    unexpected = [n for n in found if n not in expected]
+    retyped = {n: f'{found[n]} instead of {expected[n]}'
+               for n in expected if n in found and found[n] != expected[n]}
+    parts = [f'{label}: {value}' for label, value in
+             (('missing', missing), ('unexpected', unexpected), ('other types', retyped)) if value]
+    return '; '.join(parts) or 'same columns'
 
 
 class _UpsertFn(beam.DoFn):
@@ -648,6 +670,7 @@ def read_parquet_dataset(target: str) -> pa.Table:
 # The transform
 
 
+@beam.typehints.with_input_types(pa.RecordBatch)
 class WriteKeyed(beam.PTransform):
     """Writes Arrow batches of ``schema`` rows idempotently, keyed by ``schema.key``.
 
@@ -669,7 +692,8 @@ class WriteKeyed(beam.PTransform):
                  max_batch_rows: int = 10_000):
         super().__init__()
         if not isinstance(schema, RecordSchema):
-            raise ValueError(f'schema={schema!r} is not allowed: schema must be a transforms.schemas.RecordSchema')
+            raise ValueError(
+                f'schema={schema!r} is not allowed: schema must be a transforms.schemas.RecordSchema')
         if not isinstance(target, str) or not target:
             raise ValueError(f'target={target!r} is not allowed: target must be a sqlite:///, '
                              'postgresql:// URL or a directory')

@@ -1,0 +1,77 @@
+"""The ``hrbatch`` command.
+
+    hrbatch demo                      generate sample data and run matching on it (local defaults)
+    hrbatch generate --output DIR ... write seeded sample candidates and offers
+    hrbatch run NAME [options]        run one pipeline; ``hrbatch run NAME --help`` lists its options
+
+Configuration errors print one line naming the option, the value and what is allowed, and exit 2.
+"""
+import argparse
+import logging
+import os
+import sys
+
+from pipelines import options as opts
+from pipelines import registry
+from transforms.errors import ConfigError
+
+_USAGE = __doc__.split('\n\n', 1)[1].split('\n\n')[0]
+
+
+def _run_pipeline(name: str, argv: list[str]) -> int:
+    module = registry.load(name)
+    if '-h' in argv or '--help' in argv:
+        print(opts.help_text(module.OPTIONS, prog=f'hrbatch run {name}'))
+        return 0
+    module.run(argv)
+    return 0
+
+
+def _demo(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog='hrbatch demo', description='Generate sample data and run matching.')
+    parser.add_argument('--output', default='hrbatch-demo', help='Directory for the data and the results.')
+    parser.add_argument('--candidates', type=int, default=20_000)
+    parser.add_argument('--offers', type=int, default=200)
+    parser.add_argument('--top_k', type=int, default=50)
+    args, beam_args = parser.parse_known_args(argv)
+    from pipelines import generate
+    data_dir = os.path.join(args.output, 'input')
+    generate.main(['--output', data_dir, '--candidates', str(args.candidates), '--offers', str(args.offers)])
+    registry.load('matching').run([
+        '--candidates', os.path.join(data_dir, 'candidates.parquet'),
+        '--offers', os.path.join(data_dir, 'offers.parquet'),
+        '--output', os.path.join(args.output, 'output'),
+        '--top_k', str(args.top_k), *beam_args])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+    if not argv or argv[0] in ('-h', '--help'):
+        print(f'usage:\n{_USAGE}\n\npipelines: {", ".join(sorted(registry.PIPELINES))}')
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == 'generate':
+            from pipelines import generate
+            return generate.main(rest)
+        if command == 'demo':
+            return _demo(rest)
+        if command == 'run':
+            if not rest:
+                raise ConfigError(f'hrbatch run needs a pipeline name: {", ".join(sorted(registry.PIPELINES))}')
+            return _run_pipeline(rest[0], rest[1:])
+        raise ConfigError(f'unknown command {command!r}; commands: demo, generate, run')
+    except ConfigError as err:
+        print(f'hrbatch: error: {err}', file=sys.stderr)
+        return 2
+
+
+def main_for(name: str) -> int:
+    """Entry point of ``python -m pipelines.NAME``."""
+    return main(['run', name, *sys.argv[1:]])
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""The operations ``hrbatch run`` knows, by name. Each module has ``NAME``, ``OPTIONS``, ``build`` and ``run``."""
+import importlib
+import types
+
+PIPELINES = {
+    'matching': 'pipelines.matching',
+}
+
+
+def load(name: str) -> types.ModuleType:
+    from transforms.errors import ConfigError
+    if name not in PIPELINES:
+        raise ConfigError(f'unknown pipeline {name!r}; available: {", ".join(sorted(PIPELINES))}')
+    return importlib.import_module(PIPELINES[name])
