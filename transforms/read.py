@@ -24,6 +24,7 @@ Format notes:
   them by suffix.
 """
 import csv
+import io
 import json
 import logging
 import posixpath
@@ -39,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from apache_beam import pvalue
-from apache_beam.io.filesystem import BeamIOError, CompressionTypes, FileMetadata
+from apache_beam.io.filesystem import BeamIOError, CompressedFile, CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
@@ -279,6 +280,30 @@ def _open(path: str, file_format: str):
     return FileSystems.open(path, compression_type=compression)
 
 
+class _StreamOf(io.RawIOBase):
+    """A Beam ``CompressedFile`` as a standard read-only stream, for pyarrow.
+
+    ``CompressedFile.closed`` is a method, not a property: pyarrow reads it as true and refuses the
+    file ("I/O operation on closed file").
+    """
+
+    def __init__(self, handle: CompressedFile):
+        super().__init__()
+        self._handle = handle
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._handle.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+def _for_pyarrow(handle):
+    return io.BufferedReader(_StreamOf(handle), buffer_size=1 << 20) if isinstance(handle, CompressedFile) else handle
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading: each task streams raw batches (or dead letters), then casts and validates them
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +387,7 @@ def read_csv(task: ReadTask, schema: RecordSchema, batch_rows: int, step: str) -
 
     def blocks():
         return pa_csv.open_csv(
-            handle,
+            _for_pyarrow(handle),
             read_options=pa_csv.ReadOptions(use_threads=False),
             parse_options=pa_csv.ParseOptions(
                 invalid_row_handler=on_invalid_row, newlines_in_values=False, ignore_empty_lines=False),
@@ -527,8 +552,11 @@ def column_from_values(values: list, arrow_type: pa.DataType) -> tuple[pa.Array 
     fails is each value converted on its own; the column is then returned as one array per value
     (None for the bad ones) for ``_keep`` to assemble.
     """
+    # pyarrow turns a string given for a list into its list of characters: rule that out first.
+    strings_as_lists = _is_list_type(arrow_type) and any(isinstance(v, (str, bytes)) for v in values)
     try:
-        return pa.array(values, type=arrow_type), []
+        if not strings_as_lists:
+            return pa.array(values, type=arrow_type), []
     except CAST_ERRORS:
         pass
     try:
@@ -542,6 +570,8 @@ def column_from_values(values: list, arrow_type: pa.DataType) -> tuple[pa.Array 
 
 
 def _value_array(value, arrow_type: pa.DataType) -> pa.Array | None:
+    if _is_list_type(arrow_type) and isinstance(value, (str, bytes)):
+        return None
     try:
         return pa.array([value], type=arrow_type)
     except CAST_ERRORS:
@@ -552,6 +582,10 @@ def _value_array(value, arrow_type: pa.DataType) -> pa.Array | None:
         except CAST_ERRORS:
             pass
     return None
+
+
+def _is_list_type(arrow_type: pa.DataType) -> bool:
+    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
 
 
 def _keep(column: pa.Array | list, keep: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
@@ -586,7 +620,8 @@ class _ReadTaskFn(beam.DoFn):
         self._read = Metrics.counter(METRICS_NAMESPACE, f'{schema.name}_read')
         self._rejected = Metrics.counter(METRICS_NAMESPACE, f'{schema.name}_rejected')
 
-    def process(self, task: ReadTask) -> Iterator[pa.RecordBatch | pvalue.TaggedOutput]:
+    def process(self, task: ReadTask) -> Iterator[
+            pa.RecordBatch | pvalue.TaggedOutput[typing.Literal['dead_letters'], DeadLetter]]:
         for item in read_records(task, schema=self._schema, file_format=self._file_format,
                                  batch_rows=self._batch_rows, step=self._step):
             if isinstance(item, DeadLetter):
@@ -646,6 +681,4 @@ class ReadRecords(beam.PTransform):
             | 'SpreadReadTasks' >> beam.Reshuffle()
             | 'ReadAndValidate' >> beam.ParDo(_ReadTaskFn(
                 schema=self._schema, file_format=file_format, batch_rows=self._batch_rows, step=self._step))
-            .with_input_types(ReadTask)
-            .with_output_types(pa.RecordBatch, **{DEAD_LETTERS_TAG: DeadLetter})
             .with_outputs(DEAD_LETTERS_TAG, main=RECORDS_TAG))
