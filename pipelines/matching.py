@@ -75,7 +75,7 @@ OPTIONS = (
     opts.Option('batch_bytes', 'Maximum bytes of candidate data per batch.', type='int', default=64 << 20,
                 min_value=1024),
     opts.Option('pair_budget', 'Candidate x offer pairs scored at once (bounds scoring memory).', type='int',
-                default=1_000_000, min_value=1),
+                default=scoring.DEFAULT_PAIR_BUDGET, min_value=1),
     opts.Option('partition_buckets', 'Number of Parquet partitions (hash buckets of offer_id).', type='int',
                 default=16, min_value=1, max_value=100_000),
     opts.Option('run_id', 'Identifier of this run, stamped on dead letters. Default: generated.'),

@@ -23,6 +23,10 @@ class RecordBatchCoder(beam.coders.Coder):
             raise ValueError(f'expected one record batch in the encoded stream, found {len(batches)}')
         return batches[0]
 
+    def estimate_size(self, batch: pa.RecordBatch) -> int:
+        # Beam samples element sizes for its metrics; the default would encode the whole batch.
+        return batch.nbytes
+
     def is_deterministic(self) -> bool:
         return True
 

@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+import requests
 from apache_beam import pvalue
 from apache_beam.io.filesystem import BeamIOError, CompressedFile, CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
@@ -71,6 +72,9 @@ RECORDS_TAG = 'records'
 _ARROW_READ_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError)
 _AVRO_READ_ERRORS = (ValueError, EOFError, OSError, zlib.error)  # fastavro: bad sync, short block, codec
 _TEXT_READ_ERRORS = (EOFError, OSError, zlib.error)               # decompression of .gz, .bz2...
+# Network failures are OSErrors too (pyarrow re-raises the file object's own exception), but they are
+# not the data's fault: they are re-raised so that Beam retries the bundle.
+_TRANSIENT_IO_ERRORS = (ConnectionError, TimeoutError, requests.exceptions.RequestException)
 
 # At launch, at most this much of a text file is read to find its header or first record.
 _FIRST_LINE_LIMIT = 16 * 1024 * 1024
@@ -259,7 +263,7 @@ def _file_error(pattern: str, path: str, problem: str, fix: str) -> ConfigError:
 def _first_line(path: str, pattern: str, skip_blank: bool = False) -> bytes:
     """The first (non-blank, if asked) line of a text file, reading no more than needed."""
     buffer = b''
-    with _open(path, 'csv') as handle:
+    with _open(path, 'csv') as handle:  # as any text format: decompressed by suffix
         while len(buffer) < _FIRST_LINE_LIMIT:
             chunk = handle.read(_FIRST_LINE_CHUNK)
             buffer += chunk
@@ -340,6 +344,7 @@ def _until_data_error(make_items: Callable[[], typing.Iterable], errors: tuple) 
     try:
         items = iter(make_items())
     except errors as err:
+        _raise_if_transient(err)
         yield _ReadFailure(err)
         return
     while True:
@@ -348,9 +353,15 @@ def _until_data_error(make_items: Callable[[], typing.Iterable], errors: tuple) 
         except StopIteration:
             return
         except errors as err:
+            _raise_if_transient(err)
             yield _ReadFailure(err)
             return
         yield item
+
+
+def _raise_if_transient(err: Exception) -> None:
+    if isinstance(err, _TRANSIENT_IO_ERRORS):
+        raise err
 
 
 def _unreadable(step: str, path: str, row: int, what: str, err: Exception) -> DeadLetter:
@@ -362,6 +373,7 @@ def read_parquet(task: ReadTask, schema: RecordSchema, batch_rows: int, step: st
     def batches():
         parquet_file = pq.ParquetFile(handle)
         columns = [n for n in schema.names if n in parquet_file.schema_arrow.names]
+        # Single-threaded: tasks already run in parallel, one per row group.
         return parquet_file.iter_batches(batch_size=batch_rows, row_groups=[task.row_group],
                                          columns=columns, use_threads=False)
 
@@ -601,7 +613,7 @@ def with_metadata(batch: pa.RecordBatch, schema: RecordSchema, path: str, rows: 
     present = set(batch.schema.names)
     columns = [batch.column(f.name) if f.name in present else pa.nulls(batch.num_rows, f.type)
                for f in schema.fields]
-    columns += [pa.array([path] * batch.num_rows, pa.string()), pa.array(rows, pa.int64())]
+    columns += [pa.repeat(pa.scalar(path, pa.string()), batch.num_rows), pa.array(rows, pa.int64())]
     return pa.RecordBatch.from_arrays(columns, names=[*schema.names, SOURCE_COLUMN, ROW_COLUMN])
 
 
@@ -620,6 +632,8 @@ class _ReadTaskFn(beam.DoFn):
         self._read = Metrics.counter(METRICS_NAMESPACE, f'{schema.name}_read')
         self._rejected = Metrics.counter(METRICS_NAMESPACE, f'{schema.name}_rejected')
 
+    # The output type hints (a Literal must spell the tag) give Beam the RecordBatch coder for the
+    # records and a DeadLetter type for the dead letters.
     def process(self, task: ReadTask) -> Iterator[
             pa.RecordBatch | pvalue.TaggedOutput[typing.Literal['dead_letters'], DeadLetter]]:
         for item in read_records(task, schema=self._schema, file_format=self._file_format,

@@ -3,12 +3,14 @@
 The offers (thousands) are a side input, indexed once per worker. Candidates stream through in
 batches; each batch is scored against every offer ``pair_budget`` pairs at a time, so the cross
 product is never materialised. Without ``top_k`` every match reaching its offer's threshold flows
-straight out. With ``top_k``, each batch keeps its own best K per offer and one combine merges them:
-its accumulator never holds more than about K rows per offer, whatever the number of candidates.
+straight out. With ``top_k``, each bundle keeps a running best K per offer (``scoring.TopKPerOffer``)
+and one combine merges the bundles' results: nothing ever holds more than about K rows per offer,
+twice over, whatever the number of candidates.
 """
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.metrics import Metrics
+from apache_beam.transforms import window
 
 from transforms import arrow_coder
 from transforms import scoring
@@ -28,6 +30,11 @@ def _offer_table(batches: list[pa.RecordBatch]) -> pa.Table:
 
 
 class _ScoreBatchFn(beam.DoFn):
+    """Scores candidate batches; with top-K, keeps a running top K per offer for the whole bundle.
+
+    Keeping the top K across the bundle (emitted when it finishes) lets later batches skip every
+    pair below an offer's current K-th best score, so almost nothing but the final rows leaves.
+    """
 
     def __init__(self, config: scoring.ScoringConfig, pair_budget: int):
         self._config = config
@@ -36,6 +43,7 @@ class _ScoreBatchFn(beam.DoFn):
         self._candidates = Metrics.counter(METRICS_NAMESPACE, CANDIDATES_SCORED)
         self._index = None
         self._index_of = None
+        self._top_k = None
 
     def _offer_index(self, offers: list[pa.RecordBatch]) -> scoring.OfferIndex | None:
         # The side input is the same object for every element of a bundle: index it once.
@@ -45,20 +53,43 @@ class _ScoreBatchFn(beam.DoFn):
             self._index_of = offers
         return self._index
 
+    def start_bundle(self):
+        self._top_k = None
+
     def process(self, candidates: pa.RecordBatch, offers):
         index = self._offer_index(offers)
         self._candidates.inc(candidates.num_rows)
         if index is None:
             return
+        if self._config.top_k is None:
+            for pairs, matches in scoring.score_candidates(candidates, index, self._config,
+                                                           pair_budget=self._pair_budget):
+                self._pairs.inc(pairs)
+                if matches.num_rows:
+                    yield matches
+            return
+        if self._top_k is None or self._top_k.index is not index:
+            yield from self._flush()
+            self._top_k = scoring.TopKPerOffer(index, self._config.top_k)
         for pairs, matches in scoring.score_candidates(candidates, index, self._config,
-                                                       pair_budget=self._pair_budget):
+                                                       pair_budget=self._pair_budget, floors=self._top_k.floors):
             self._pairs.inc(pairs)
-            if matches.num_rows:
-                yield matches
+            self._top_k.add(matches)
+
+    def _flush(self):
+        if self._top_k is not None:
+            result = self._top_k.result()
+            self._top_k = None
+            if result.num_rows:
+                yield result
+
+    def finish_bundle(self):
+        for result in self._flush():
+            yield window.GlobalWindows.windowed_value_at_end_of_window(result)
 
 
-class _TopKPerOfferFn(beam.CombineFn):
-    """Accumulates match blocks, compacting them to the exact top K per offer as they grow."""
+class _MergeTopKFn(beam.CombineFn):
+    """Merges the per-bundle top-K results into the exact top K per offer."""
 
     def __init__(self, top_k: int):
         self._top_k = top_k
@@ -66,18 +97,11 @@ class _TopKPerOfferFn(beam.CombineFn):
     def create_accumulator(self):
         return []
 
-    def _compact(self, parts):
-        rows = sum(p.num_rows for p in parts)
-        # Merge only when the buffer has at least doubled since it was last merged: amortised O(n log n).
-        if len(parts) > 1 and rows > max(2 * parts[0].num_rows, 100_000):
-            return [scoring.merge_top_k(parts, self._top_k)]
-        return parts
-
     def add_input(self, accumulator, matches):
-        return self._compact(accumulator + [matches])
+        return self.compact(accumulator + [matches])
 
     def merge_accumulators(self, accumulators):
-        return self._compact([part for acc in accumulators for part in acc])
+        return self.compact([part for acc in accumulators for part in acc])
 
     def compact(self, accumulator):
         return [scoring.merge_top_k(accumulator, self._top_k)] if len(accumulator) > 1 else accumulator
@@ -106,7 +130,7 @@ class ScoreMatches(beam.PTransform):
     offer's ``minimum_match_score`` or, with ``config.top_k``, the K best of each offer, ranked.
     """
 
-    def __init__(self, *, offers, config: scoring.ScoringConfig, pair_budget: int = 1_000_000):
+    def __init__(self, *, offers, config: scoring.ScoringConfig, pair_budget: int = scoring.DEFAULT_PAIR_BUDGET):
         super().__init__()
         if not isinstance(config, scoring.ScoringConfig):
             raise ValueError(f'config must be a ScoringConfig, got {type(config).__name__}')
@@ -127,7 +151,7 @@ class ScoreMatches(beam.PTransform):
         else:
             matches = (
                 blocks
-                | 'TopKPerOffer' >> beam.CombineGlobally(_TopKPerOfferFn(config.top_k)).without_defaults()
+                | 'TopKPerOffer' >> beam.CombineGlobally(_MergeTopKFn(config.top_k)).without_defaults()
                 | 'ToRankedRows' >> beam.Map(scoring.to_match_rows, config, ranked=True
                                              ).with_output_types(pa.RecordBatch))
         return matches | 'CountMatches' >> beam.ParDo(_CountMatchesFn()).with_output_types(pa.RecordBatch)

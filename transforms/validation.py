@@ -61,15 +61,23 @@ def cast_columns(batch: pa.RecordBatch, schema: RecordSchema, *,
     and one dead letter per row holding a value that cannot be cast, naming the field and the value.
     """
     reasons: Reasons = collections.defaultdict(list)
+    cast = {}
     for field in schema.fields:
         column = batch.column(field.name)
+        try:
+            cast[field.name] = _cast(column, field.type)
+            continue
+        except CAST_ERRORS:
+            pass
         for row in uncastable_rows(column, field.type):
             reasons[int(row)].append(
                 f'{field.name}={format_value(column[int(row)].as_py())}: cannot be read as {field.type}')
     letters = _dead_letters(batch, schema, reasons, step=step)
     if reasons:
-        batch = batch.filter(pa.array(_keep_mask(batch.num_rows, reasons)))
-    columns = [_cast(batch.column(f.name), f.type) for f in schema.fields]
+        keep = pa.array(_keep_mask(batch.num_rows, reasons))
+        batch = batch.filter(keep)
+        cast = {name: array.filter(keep) for name, array in cast.items()}
+    columns = [cast[f.name] if f.name in cast else _cast(batch.column(f.name), f.type) for f in schema.fields]
     return pa.RecordBatch.from_arrays(columns + _metadata_columns(batch), schema=castable_schema(schema)), letters
 
 

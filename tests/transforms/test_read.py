@@ -8,11 +8,12 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import requests
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 
 from tests import sample_records as sr
-from transforms import schemas
+from transforms import read, schemas
 from transforms.errors import ConfigError
 from transforms.read import ReadRecords, infer_file_format
 
@@ -92,11 +93,11 @@ def test_every_format_reads_back_exactly_the_valid_rows_with_stable_row_numbers(
     paths['csv.gz'] = str(tmp_path / 'candidates.csv.gz')
     with test_pipeline() as p:
         for name, path in paths.items():
-            read = p | f'Read {name}' >> ReadRecords(file_pattern=path, schema=schemas.CANDIDATES, batch_rows=3)
-            assert_that(rows_of(read.records, name), equal_to(expected_rows(records, VALID_ROWS)),
+            result = p | f'Read {name}' >> ReadRecords(file_pattern=path, schema=schemas.CANDIDATES, batch_rows=3)
+            assert_that(rows_of(result.records, name), equal_to(expected_rows(records, VALID_ROWS)),
                         label=f'{name}: valid rows')
-            assert_that(read.records, batches_are_capped(3, CANDIDATE_SCHEMA), label=f'{name}: batches')
-            assert_that(read.dead_letters, dead_letters_are(path, CANDIDATE_ERRORS), label=f'{name}: dead letters')
+            assert_that(result.records, batches_are_capped(3, CANDIDATE_SCHEMA), label=f'{name}: batches')
+            assert_that(result.dead_letters, dead_letters_are(path, CANDIDATE_ERRORS), label=f'{name}: dead letters')
 
 
 def test_a_pattern_reads_all_matching_files_and_drops_undeclared_columns(tmp_path, test_pipeline):
@@ -106,10 +107,10 @@ def test_a_pattern_reads_all_matching_files_and_drops_undeclared_columns(tmp_pat
         sr.write_parquet(tmp_path / f'part-{part}.parquet', [dict(r, internal_note='x') for r in chunk],
                          schemas.CANDIDATES, arrow_schema=arrow)
     with test_pipeline() as p:
-        read = p | ReadRecords(file_pattern=str(tmp_path / 'part-*.parquet'), schema=schemas.CANDIDATES)
-        assert_that(rows_of(read.records, 'parts'),
+        result = p | ReadRecords(file_pattern=str(tmp_path / 'part-*.parquet'), schema=schemas.CANDIDATES)
+        assert_that(rows_of(result.records, 'parts'),
                     equal_to(expected_rows(records, range(6), file_rows={3: 0, 4: 1, 5: 2})), label='rows')
-        assert_that(read.records, batches_are_capped(8192, CANDIDATE_SCHEMA), label='schema')
+        assert_that(result.records, batches_are_capped(8192, CANDIDATE_SCHEMA), label='schema')
 
 
 # --- Bad rows ---------------------------------------------------------------------------------
@@ -211,6 +212,34 @@ def test_an_unreadable_part_of_a_file_is_one_dead_letter_and_the_rest_is_read(tm
                     equal_to([('', f'Avro file {avro_path} could not be read from row 11')]), label='avro letter')
         assert_that(rows_of(avro_read.records, 'avro'), equal_to(expected_rows(records, range(11))),
                     label='avro rows')
+
+
+def test_the_dofn_routes_batches_and_dead_letters(tmp_path):
+    records = [sr.candidate(0), sr.candidate(1, latitude=math.nan)]
+    path = sr.write_csv(tmp_path / 'c.csv', records, schemas.CANDIDATES)
+    fn = read._ReadTaskFn(schema=schemas.CANDIDATES, file_format='csv', batch_rows=10, step='ReadCandidates')
+    outputs = list(fn.process(read.ReadTask(path, None, 0)))
+    batches = [o for o in outputs if isinstance(o, pa.RecordBatch)]
+    tagged = [o for o in outputs if isinstance(o, beam.pvalue.TaggedOutput)]
+    assert [b.column('candidate_id').to_pylist() for b in batches] == [['cand-000']]
+    assert [(t.tag, t.value.source) for t in tagged] == [('dead_letters', f'{path}#row=1')]
+
+
+def test_only_data_errors_become_read_failures():
+    def failing(error):
+        def items():
+            yield 1
+            raise error
+        return items
+
+    data_error = pa.ArrowInvalid('corrupt page')
+    assert list(read._until_data_error(failing(data_error), read._ARROW_READ_ERRORS)) == [
+        1, read._ReadFailure(data_error)]
+    # A network failure is an OSError too, but must fail the bundle so that Beam retries it.
+    with pytest.raises(requests.exceptions.ConnectionError):
+        list(read._until_data_error(failing(requests.exceptions.ConnectionError('reset')), read._ARROW_READ_ERRORS))
+    with pytest.raises(KeyError):  # a bug
+        list(read._until_data_error(failing(KeyError('x')), read._ARROW_READ_ERRORS))
 
 
 def test_metrics_count_read_and_rejected_rows(tmp_path, test_pipeline):
@@ -332,11 +361,11 @@ def test_reads_parquet_and_csv_from_gcs_like_local_files(tmp_path, test_pipeline
     with test_pipeline() as p:
         for name in local:
             for where, path in (('local', local[name]), ('gcs', remote[name])):
-                read = p | f'{where} {name}' >> ReadRecords(file_pattern=path, schema=schemas.CANDIDATES)
-                assert_that(rows_of(read.records, f'{where} {name}'), equal_to(expected_rows(records, VALID_ROWS)),
+                result = p | f'{where} {name}' >> ReadRecords(file_pattern=path, schema=schemas.CANDIDATES)
+                assert_that(rows_of(result.records, f'{where} {name}'), equal_to(expected_rows(records, VALID_ROWS)),
                             label=f'{where} {name}: rows')
-                assert_that(read.records | f'{where} {name} sources' >> beam.FlatMap(
+                assert_that(result.records | f'{where} {name} sources' >> beam.FlatMap(
                     lambda batch: batch.column('_source').to_pylist()), equal_to([path] * len(VALID_ROWS)),
                     label=f'{where} {name}: source')
-                assert_that(read.dead_letters, dead_letters_are(path, CANDIDATE_ERRORS),
+                assert_that(result.dead_letters, dead_letters_are(path, CANDIDATE_ERRORS),
                             label=f'{where} {name}: dead letters')

@@ -149,3 +149,19 @@ def test_weights_are_normalised_and_validated():
         scoring.ScoringConfig.create(top_k=0)
     with pytest.raises(ValueError, match='max_distance_km'):
         scoring.ScoringConfig.create(max_distance_km=-3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cands=st.lists(_candidate, min_size=1, max_size=40), offers=st.lists(_offer, min_size=1, max_size=5),
+       top_k=st.integers(1, 5), budget=st.integers(1, 30), merge_rows=st.integers(1, 20))
+def test_running_top_k_with_rising_floors_equals_the_exact_top_k(cands, offers, top_k, budget, merge_rows):
+    cands, offers = _candidates(cands), _offers(offers)
+    config = scoring.ScoringConfig.create(top_k=top_k)
+    index = scoring.OfferIndex.build(offers)
+    running = scoring.TopKPerOffer(index, top_k, min_merge_rows=merge_rows)
+    for batch in pa.Table.from_batches([cands]).to_batches(max_chunksize=7):
+        for _, block in scoring.score_candidates(batch, index, config, pair_budget=budget, floors=running.floors):
+            running.add(block)
+    assert (running.floors >= index.thresholds).all()
+    exact = scoring.merge_top_k([b for _, b in scoring.score_candidates(cands, index, config)], top_k)
+    assert running.result().to_pylist() == exact.to_pylist()
