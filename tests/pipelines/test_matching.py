@@ -193,3 +193,17 @@ def test_cli_reports_configuration_errors_and_module_entry_point_runs(tmp_path, 
                           capture_output=True, text=True, env=env)
     assert good.returncode == 0, good.stderr
     assert 'pairs scored' in good.stdout and str(tmp_path / 'cli' / 'matches') in good.stdout
+
+
+def test_matches_upserted_into_postgresql_equal_the_parquet_output_and_survive_a_rerun(tmp_path, data, postgres_url):
+    args = (data / 'candidates.parquet', data / 'offers.parquet', '--top_k', '3', '--database', postgres_url)
+    output, _ = _run(tmp_path, *args)
+    import psycopg
+    with psycopg.connect(postgres_url) as conn:
+        first = sorted(conn.execute('SELECT offer_id, candidate_id, rank FROM matches').fetchall())
+    _run(tmp_path, *args)
+    with psycopg.connect(postgres_url) as conn:
+        second = sorted(conn.execute('SELECT offer_id, candidate_id, rank FROM matches').fetchall())
+    parquet = sorted((r['offer_id'], r['candidate_id'], r['rank'])
+                     for r in read_parquet_dataset(str(output / 'matches')).to_pylist())
+    assert first == second == parquet and parquet
