@@ -305,7 +305,9 @@ class _StreamOf(io.RawIOBase):
 
 
 def _for_pyarrow(handle):
-    return io.BufferedReader(_StreamOf(handle), buffer_size=1 << 20) if isinstance(handle, CompressedFile) else handle
+    if isinstance(handle, CompressedFile):
+        return io.BufferedReader(_StreamOf(handle), buffer_size=1 << 20)
+    return handle
 
 
 # ---------------------------------------------------------------------------------------------

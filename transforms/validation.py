@@ -8,7 +8,8 @@ Two pure functions, no Beam:
   functions, row checks) and splits the batch into valid rows and dead letters.
 
 Both work on whole columns with ``pyarrow.compute`` and numpy. Python loops only run over the rows
-that are rejected, to write their dead letters. A rejected row's ``error`` lists every failing check,
+that are rejected, to write their dead letters, and over the values of a column whose whole-column
+cast failed, to find the values to blame. A rejected row's ``error`` lists every failing check,
 each naming the field, the bad value and what is allowed. Values go into dead letters only, never
 into logs.
 """

@@ -5,6 +5,7 @@ import math
 import os
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -165,7 +166,8 @@ def test_unparsable_rows_become_dead_letters_and_the_valid_rows_still_come_out(t
         avro_read = p | 'Avro' >> ReadRecords(file_pattern=avro_path, schema=schemas.CANDIDATES)
         assert_that(rows_of(avro_read.records, 'avro'), equal_to(expected_rows(records, [0, 2], {2: 2})),
                     label='avro rows')
-        assert_that(avro_read.dead_letters, dead_letters_are(avro_path, {1: "latitude='abc': cannot be read as double"}),
+        assert_that(avro_read.dead_letters,
+                    dead_letters_are(avro_path, {1: "latitude='abc': cannot be read as double"}),
                     label='avro dead letters')
 
         offers_read = p | 'Offers' >> ReadRecords(file_pattern=offers_path, schema=schemas.OFFERS, step='ReadOffers')
@@ -208,10 +210,35 @@ def test_an_unreadable_part_of_a_file_is_one_dead_letter_and_the_rest_is_read(tm
         assert_that(parquet_read.dead_letters, dead_letters_are(parquet_path, {
             4: f'Parquet row group 1 of {parquet_path} could not be read from row 4 on'}), label='parquet letter')
         avro_read = p | 'Avro' >> ReadRecords(file_pattern=avro_path, schema=schemas.CANDIDATES)
-        assert_that(avro_read.dead_letters | beam.Map(lambda letter: (letter.payload, letter.error.split(' on ')[0])),
+        assert_that(avro_read.dead_letters
+                    | beam.Map(lambda letter: (letter.payload, letter.error.split(' on ')[0])),
                     equal_to([('', f'Avro file {avro_path} could not be read from row 11')]), label='avro letter')
         assert_that(rows_of(avro_read.records, 'avro'), equal_to(expected_rows(records, range(11))),
                     label='avro rows')
+
+
+def test_csv_row_numbers_stay_exact_across_reader_blocks(tmp_path):
+    # pyarrow parses CSV in blocks of 1 MiB (cut at a line end). Bad lines that straddle the first
+    # block boundary are skipped at the end of one block and at the start of the next: the valid rows
+    # after them must keep their exact line numbers. read_records is a plain function: no Beam here.
+    good = [','.join(sr.csv_cell(v) for v in sr.candidate(0, candidate_id=f'row-{i:05d}').values())
+            for i in range(9000)]
+    header_bytes = len(','.join(schemas.CANDIDATES.names)) + 1
+    line_ends = header_bytes + np.cumsum([len(line) + 1 for line in good])
+    boundary = int(np.searchsorted(line_ends, 1 << 20))  # the line that crosses 1 MiB
+    bad_rows = set(range(boundary - 30, boundary + 30)) | set(range(5, 9000, 97))
+    lines = [line + ',extra' if i in bad_rows else line for i, line in enumerate(good)]  # 14 fields
+    path = sr.write_csv(tmp_path / 'big.csv', lines, schemas.CANDIDATES)
+    assert os.path.getsize(path) > (1 << 20) + 100_000  # two blocks at least
+    items = list(read.read_records(read.ReadTask(path, None, 0), schema=schemas.CANDIDATES, file_format='csv',
+                                   batch_rows=1000, step='S'))
+    batches = [item for item in items if isinstance(item, pa.RecordBatch)]
+    letters = [item for item in items if not isinstance(item, pa.RecordBatch)]
+    assert max(b.num_rows for b in batches) <= 1000
+    rows = pa.Table.from_batches(batches)
+    assert rows.column('_row').to_pylist() == [int(c.split('-')[1]) for c in rows.column('candidate_id').to_pylist()]
+    assert rows.num_rows == len(lines) - len(bad_rows)
+    assert sorted(letter.source for letter in letters) == sorted(f'{path}#row={i}' for i in bad_rows)
 
 
 def test_the_dofn_routes_batches_and_dead_letters(tmp_path):
@@ -307,8 +334,24 @@ def test_launch_fails_when_a_field_cannot_be_cast_to_its_declared_type(tmp_path,
     arrow = sr.nullable_arrow_schema(schemas.CANDIDATES).set(5, pa.field('latitude', pa.list_(pa.float64())))
     path = sr.write_parquet(tmp_path / 'c.parquet', [sr.candidate(0, latitude=[1.0])], schemas.CANDIDATES,
                             arrow_schema=arrow)
-    with pytest.raises(ConfigError, match=r'wrong type in its Parquet schema: latitude is list<\w+: double>, expected double'):
+    with pytest.raises(ConfigError,
+                       match=r'wrong type in its Parquet schema: latitude is list<\w+: double>, expected double'):
         build_read(test_pipeline, file_pattern=path)
+
+
+@pytest.mark.parametrize('file_format', ['jsonl', 'avro'])
+def test_launch_fails_when_a_record_field_has_an_uncastable_type(tmp_path, test_pipeline, file_format):
+    record = sr.candidate(0, latitude=[45.0])
+    path = tmp_path / f'c.{file_format}'
+    if file_format == 'jsonl':
+        sr.write_jsonl(path, [record])
+    else:
+        sr.write_avro(path, [record], schemas.CANDIDATES,
+                      overrides={'latitude': {'type': 'array', 'items': 'double'}})
+    with pytest.raises(ConfigError, match=r'has fields of the wrong type .*latitude is list<item: double>, '
+                                          r'expected double') as raised:
+        build_read(test_pipeline, file_pattern=str(path))
+    assert str(path) in str(raised.value)
 
 
 def test_launch_fails_when_the_format_cannot_be_inferred(tmp_path, test_pipeline):

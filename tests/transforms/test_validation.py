@@ -78,11 +78,13 @@ def test_a_bad_candidate_becomes_a_dead_letter_naming_field_value_and_rule(chang
     ({'salary_min': 50000.0, 'salary_max': 40000.0},
      'salary_min must be <= salary_max (salary_min=50000.0, salary_max=40000.0)'),
     ({'nice_to_have_skills': ['xyz']},
-     "nice_to_have_skills: unknown values ['xyz']: must be an ESCO skill id (UUID of http://data.europa.eu/esco/skill/...)"),
+     "nice_to_have_skills: unknown values ['xyz']: must be an ESCO skill id "
+     '(UUID of http://data.europa.eu/esco/skill/...)'),
 ])
 def test_a_bad_offer_becomes_a_dead_letter(changes, expected):
     records = [sr.offer(0), sr.offer(1, **changes)]
-    valid, letters = validation.validate_batch(make_batch(records, schemas.OFFERS), schemas.OFFERS, step='ReadOffers')
+    valid, letters = validation.validate_batch(make_batch(records, schemas.OFFERS), schemas.OFFERS,
+                                               step='ReadOffers')
     assert valid.column('offer_id').to_pylist() == ['offer-000']
     assert [letter.error for letter in letters] == [expected]
 
@@ -182,7 +184,8 @@ def test_cast_columns_casts_strings_and_rejects_uncastable_values():
     assert batch.schema == validation.castable_schema(schemas.CANDIDATES)
     assert batch.select(list(schemas.CANDIDATES.names)).to_pylist() == records[:1]
     assert errors_by_row(letters) == {
-        'in.parquet#row=1': "latitude='abc': cannot be read as double; expected_salary='40k': cannot be read as double",
+        'in.parquet#row=1': "latitude='abc': cannot be read as double; "
+                            "expected_salary='40k': cannot be read as double",
         'in.parquet#row=2': "last_contact_date='2024-02-30': cannot be read as date32[day]",
     }
     assert json.loads(letters[0].payload)['latitude'] == 'abc'  # the raw value, as read
