@@ -186,8 +186,8 @@ def summarize(result, config: MatchingConfig) -> dict:
     offers_matched = set()
     best = 0.0
     for path in files:
-        with FileSystems.open(path) as handle:
-            table = pq.read_table(handle, columns=['offer_id', 'score'])
+        with FileSystems.open(path) as handle, pq.ParquetFile(handle) as parquet_file:
+            table = parquet_file.read(columns=['offer_id', 'score'])
         offers_matched.update(table.column('offer_id').to_pylist())
         if table.num_rows:
             best = max(best, float(max(table.column('score').to_pylist())))
@@ -206,7 +206,8 @@ def summarize(result, config: MatchingConfig) -> dict:
     }
 
 
-def print_summary(summary: dict, out=sys.stdout) -> None:
+def print_summary(summary: dict, out=None) -> None:
+    out = out or sys.stdout
     print(f"Matching run {summary['run_id']} finished.", file=out)
     print(f"  candidates read      {summary['candidates_read']:>14,}", file=out)
     print(f"  offers read          {summary['offers_read']:>14,}", file=out)

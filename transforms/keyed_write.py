@@ -661,7 +661,8 @@ def read_parquet_dataset(target: str) -> pa.Table:
     tables = []
     for path in paths:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            tables.append(pq.read_table(handle))
+            with pq.ParquetFile(handle) as parquet_file:  # closed here, not on an Arrow thread at exit
+                tables.append(parquet_file.read())
     table = pa.concat_tables(tables)
     return table.sort_by([(k, 'ascending') for k in _table_key(tables[0])])
 

@@ -23,6 +23,7 @@ Format notes:
 - CSV and JSON-lines files may be compressed (``.gz``, ``.bz2``, ``.zst``...): Beam decompresses
   them by suffix.
 """
+import contextlib
 import csv
 import io
 import json
@@ -154,10 +155,10 @@ def parquet_tasks(path: str, schema: RecordSchema, pattern: str) -> list[ReadTas
     """Checks a Parquet footer against ``schema``; one task per row group."""
     with _open(path, 'parquet') as handle:
         try:
-            parquet_file = pq.ParquetFile(handle)
-            file_schema = parquet_file.schema_arrow
-            row_counts = [parquet_file.metadata.row_group(i).num_rows
-                          for i in range(parquet_file.num_row_groups)]
+            with pq.ParquetFile(handle) as parquet_file:
+                file_schema = parquet_file.schema_arrow
+                row_counts = [parquet_file.metadata.row_group(i).num_rows
+                              for i in range(parquet_file.num_row_groups)]
         except _ARROW_READ_ERRORS as err:
             raise _file_error(pattern, path, f'is not a readable Parquet file ({err})',
                               'Expected a Parquet file with a valid footer: rewrite or remove it.') from err
@@ -372,15 +373,21 @@ def _unreadable(step: str, path: str, row: int, what: str, err: Exception) -> De
 
 
 def read_parquet(task: ReadTask, schema: RecordSchema, batch_rows: int, step: str) -> Iterator[RawItem]:
+    opened = []
+
     def batches():
         parquet_file = pq.ParquetFile(handle)
+        opened.append(parquet_file)
         columns = [n for n in schema.names if n in parquet_file.schema_arrow.names]
         # Single-threaded: tasks already run in parallel, one per row group.
         return parquet_file.iter_batches(batch_size=batch_rows, row_groups=[task.row_group],
                                          columns=columns, use_threads=False)
 
     next_row = task.first_row
-    with _open(task.path, 'parquet') as handle:
+    # The reader is closed here, on this thread: left to the garbage collector, its last reference
+    # can drop on an Arrow pool thread during interpreter exit, which aborts the process.
+    with _open(task.path, 'parquet') as handle, contextlib.ExitStack() as closing:
+        closing.callback(lambda: [f.close() for f in opened])
         for batch in _until_data_error(batches, _ARROW_READ_ERRORS):
             if isinstance(batch, _ReadFailure):
                 yield _unreadable(step, task.path, next_row,
