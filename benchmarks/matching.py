@@ -77,10 +77,11 @@ def kernel(candidates_path: str, offers_path: str, top_k: int | None, batch_rows
     """(b): the vectorised kernel over every candidate batch, plus the top-K merge, in this process."""
     config = scoring.ScoringConfig.create(top_k=top_k)
     index = scoring.OfferIndex.build(pq.read_table(offers_path).sort_by('offer_id'))
+    workspace = scoring.Workspace(max(1, scoring.DEFAULT_PAIR_BUDGET // index.size), index)
     start = time.perf_counter()
     pairs, parts = 0, []
     for batch in pq.ParquetFile(candidates_path).iter_batches(batch_size=batch_rows):
-        for scored, block in scoring.score_candidates(batch, index, config):
+        for scored, block in scoring.score_candidates(batch, index, config, workspace=workspace):
             pairs += scored
             parts.append(block)
         if top_k and sum(p.num_rows for p in parts) > 200_000:

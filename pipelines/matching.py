@@ -50,6 +50,9 @@ from transforms.read import ReadRecords
 from transforms.score_matches import ScoreMatches
 
 NAME = 'matching'
+_CANDIDATE_KEYS = schemas.CANDIDATES.project(schemas.CANDIDATES.key, name='candidate_keys')
+# Ids are a few bytes each: big batches keep the pieces that cross the duplicate search's shuffle few.
+_KEY_BATCH_ROWS = 65_536
 OPTIONS = (
     opts.Option('candidates', 'Candidates file or glob (local or gs://): Parquet, Avro, CSV or JSONL.',
                 required=True),
@@ -140,19 +143,22 @@ class Outputs(typing.NamedTuple):
 
 def build(pipeline: beam.Pipeline, config: MatchingConfig) -> Outputs:
     """Adds the matching graph to ``pipeline`` and returns its matches and dead letters."""
-    def read(label, pattern, schema, file_format):
+    def read(label, pattern, schema, file_format, batch_rows=config.batch_rows):
         return pipeline | label >> ReadRecords(file_pattern=pattern, schema=schema, file_format=file_format,
-                                               batch_rows=config.batch_rows, step=label)
+                                               batch_rows=batch_rows, step=label)
 
     offers_read = read('ReadOffers', config.offers, schemas.OFFERS, config.offers_format)
     offers = offers_read.records | 'DropDuplicateOffers' >> DropDuplicateKeys(
         schema=schemas.OFFERS, step='DropDuplicateOffers')
     candidates_read = read('ReadCandidates', config.candidates, schemas.CANDIDATES, config.candidates_format)
-    # Duplicates are found on a second read of the candidates, so the first read streams straight
-    # into scoring instead of being held until every key has been seen (memory stays flat).
-    candidate_keys = read('ReadCandidateKeys', config.candidates, schemas.CANDIDATES, config.candidates_format)
+    # Duplicates are found on a second read of just the candidates' ids, so the full read streams
+    # straight into scoring instead of being held until every id has been seen (memory stays flat).
+    # The first occurrence of an id (by file, then row) is kept, even when it is itself rejected
+    # for another reason: which copy is right is for a person to decide, from the dead letters.
+    candidate_keys = read('ReadCandidateKeys', config.candidates, _CANDIDATE_KEYS, config.candidates_format,
+                          batch_rows=_KEY_BATCH_ROWS)
     candidates = candidates_read.records | 'DropDuplicateCandidates' >> DropDuplicateKeys(
-        schema=schemas.CANDIDATES, reference=candidate_keys.records, step='DropDuplicateCandidates')
+        schema=schemas.CANDIDATES, reference=candidate_keys.records, buckets=16, step='DropDuplicateCandidates')
     batches = candidates.records | 'BatchCandidates' >> BatchBySize(
         max_rows=config.batch_rows, max_bytes=config.batch_bytes, step='BatchCandidates')
     matches = batches.batches | 'ScoreMatches' >> ScoreMatches(

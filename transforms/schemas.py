@@ -120,6 +120,11 @@ class RecordSchema:
                 return f
         raise KeyError(f'schema {self.name!r} has no field {name!r}')
 
+    def project(self, names: tuple[str, ...], *, name: str) -> 'RecordSchema':
+        """The schema of just these fields (row checks dropped), under another ``name``."""
+        return RecordSchema(name=name, fields=tuple(self.field(n) for n in names),
+                            key=tuple(k for k in self.key if k in names))
+
     def arrow_schema(self, with_metadata: bool = False) -> pa.Schema:
         """The Arrow schema of valid data; with ``_source`` and ``_row`` when ``with_metadata``."""
         fields = [pa.field(f.name, f.type, nullable=f.nullable) for f in self.fields]

@@ -43,6 +43,7 @@ class _ScoreBatchFn(beam.DoFn):
         self._candidates = Metrics.counter(METRICS_NAMESPACE, CANDIDATES_SCORED)
         self._index = None
         self._index_of = None
+        self._workspace = None
         self._top_k = None
 
     def _offer_index(self, offers: list[pa.RecordBatch]) -> scoring.OfferIndex | None:
@@ -51,6 +52,8 @@ class _ScoreBatchFn(beam.DoFn):
             table = _offer_table(offers)
             self._index = scoring.OfferIndex.build(table) if table is not None and table.num_rows else None
             self._index_of = offers
+            self._workspace = None if self._index is None else scoring.Workspace(
+                max(1, self._pair_budget // self._index.size), self._index)
         return self._index
 
     def start_bundle(self):
@@ -63,7 +66,7 @@ class _ScoreBatchFn(beam.DoFn):
             return
         if self._config.top_k is None:
             for pairs, matches in scoring.score_candidates(candidates, index, self._config,
-                                                           pair_budget=self._pair_budget):
+                                                           pair_budget=self._pair_budget, workspace=self._workspace):
                 self._pairs.inc(pairs)
                 if matches.num_rows:
                     yield matches
@@ -71,8 +74,8 @@ class _ScoreBatchFn(beam.DoFn):
         if self._top_k is None or self._top_k.index is not index:
             yield from self._flush()
             self._top_k = scoring.TopKPerOffer(index, self._config.top_k)
-        for pairs, matches in scoring.score_candidates(candidates, index, self._config,
-                                                       pair_budget=self._pair_budget, floors=self._top_k.floors):
+        for pairs, matches in scoring.score_candidates(candidates, index, self._config, pair_budget=self._pair_budget,
+                                                       floors=self._top_k.floors, workspace=self._workspace):
             self._pairs.inc(pairs)
             self._top_k.add(matches)
 
