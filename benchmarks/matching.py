@@ -36,14 +36,19 @@ from pipelines import generate  # noqa: E402
 from transforms import scoring  # noqa: E402
 
 CHUNK = 50  # candidates per task, as in the task-queue jobs this replaces
+# Parquet row groups of 32k candidates (~10 MB): several per file even at 100,000 candidates, so
+# both local workers have row groups to read at every size measured (a row group is the unit of
+# parallel reading; one 100k-row group would leave a worker idle and flatter the small run's memory).
+ROW_GROUP_ROWS = 32_768
 
 
 def _data(cache: str, candidates: int, offers: int, seed: int) -> tuple[str, str]:
     """Generated Parquet inputs, cached by size so repeated runs skip generation."""
-    directory = os.path.join(cache, f'c{candidates}-o{offers}-s{seed}')
+    directory = os.path.join(cache, f'c{candidates}-o{offers}-s{seed}-g{ROW_GROUP_ROWS}')
     paths = (os.path.join(directory, 'candidates.parquet'), os.path.join(directory, 'offers.parquet'))
     if not all(os.path.exists(p) for p in paths):
-        generate.generate(directory, candidates=candidates, offers=offers, seed=seed, formats=('parquet',))
+        generate.generate(directory, candidates=candidates, offers=offers, seed=seed, formats=('parquet',),
+                          chunk_rows=ROW_GROUP_ROWS)
     return paths
 
 
