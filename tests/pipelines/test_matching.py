@@ -207,3 +207,26 @@ def test_matches_upserted_into_postgresql_equal_the_parquet_output_and_survive_a
     parquet = sorted((r['offer_id'], r['candidate_id'], r['rank'])
                      for r in read_parquet_dataset(str(output / 'matches')).to_pylist())
     assert first == second == parquet and parquet
+
+
+def test_inputs_on_gcs_give_the_same_matches_as_local_files(tmp_path, data, gcs_emulator):
+    bucket = gcs_emulator.create_bucket('hrbatch-matching')
+    candidates = gcs_emulator.upload_file(data / 'candidates.parquet', f'gs://{bucket}/in/candidates.parquet')
+    offers = gcs_emulator.upload_file(data / 'offers.csv', f'gs://{bucket}/in/offers.csv')
+    remote, _ = _run(tmp_path, candidates, offers, '--top_k', '3', '--database', 'none', name='remote')
+    local, _ = _run(tmp_path, data / 'candidates.parquet', data / 'offers.csv', '--top_k', '3', '--database', 'none',
+                    name='local')
+    assert _rows(read_parquet_dataset(str(remote / 'matches'))) == _rows(read_parquet_dataset(str(local / 'matches')))
+
+
+def test_the_first_occurrence_of_an_id_is_kept_even_when_it_is_itself_rejected(tmp_path, data):
+    candidates = pq.read_table(data / 'candidates.parquet').slice(0, 10).to_pylist()
+    candidates[6] = {**candidates[2], 'latitude': float('nan')}  # an invalid copy, later in the file
+    candidates[1] = {**candidates[2], 'longitude': float('nan')}  # an invalid copy, first in the file
+    _write_candidates(tmp_path / 'c.parquet', candidates)
+    output, summary = _run(tmp_path, tmp_path / 'c.parquet', data / 'offers.parquet', '--database', 'none')
+    letters = sorted((d['step'], d['source'].rsplit('#', 1)[1]) for d in _dead_letters(output))
+    # Row 1 holds the id first and is rejected for its longitude; row 2, valid, repeats that id and
+    # is dropped as a duplicate (a person decides which copy is right); row 6 fails validation first.
+    assert letters == [('DropDuplicateCandidates', 'row=2'), ('ReadCandidates', 'row=1'), ('ReadCandidates', 'row=6')]
+    assert summary['pairs_scored'] == 7 * 25
