@@ -22,6 +22,7 @@ from transforms import arrow_coder  # noqa: F401  (registers the RecordBatch cod
 from transforms import schemas
 from transforms.dead_letters import DeadLetter
 from transforms.dead_letters import locator
+from transforms.params import check_positive_int
 
 _OFFSET_BYTES = 4
 
@@ -166,10 +167,8 @@ class BatchBySize(beam.PTransform):
 
     def __init__(self, *, max_rows: int, max_bytes: int = 64 << 20, step: str = 'BatchBySize'):
         super().__init__()
-        if not isinstance(max_rows, int) or max_rows < 1:
-            raise ValueError(f'max_rows must be an integer >= 1, got {max_rows!r}')
-        if not isinstance(max_bytes, int) or max_bytes < 1:
-            raise ValueError(f'max_bytes must be an integer >= 1, got {max_bytes!r}')
+        check_positive_int('max_rows', max_rows)
+        check_positive_int('max_bytes', max_bytes)
         self._max_rows = max_rows
         self._max_bytes = max_bytes
         self._step = step

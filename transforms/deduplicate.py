@@ -22,6 +22,7 @@ from transforms import schemas
 from transforms.dead_letters import METRICS_NAMESPACE
 from transforms.dead_letters import DeadLetter
 from transforms.dead_letters import locator
+from transforms.params import check_positive_int
 
 _KEY = '_key'
 # Fixed odd multipliers, one per byte position modulo their count: a stable, vectorised hash.
@@ -171,8 +172,7 @@ class DropDuplicateKeys(beam.PTransform):
     def __init__(self, *, schema: schemas.RecordSchema, reference=None, buckets: int = 64,
                  step: str = 'DropDuplicateKeys'):
         super().__init__()
-        if not isinstance(buckets, int) or buckets < 1:
-            raise ValueError(f'buckets must be an integer >= 1, got {buckets!r}')
+        check_positive_int('buckets', buckets)
         self._schema = schema
         self._reference = reference
         self._buckets = buckets

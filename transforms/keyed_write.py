@@ -87,6 +87,7 @@ from transforms import arrow_coder  # noqa: F401  (registers the RecordBatch cod
 from transforms.dead_letters import METRICS_NAMESPACE
 from transforms.errors import ConfigError
 from transforms.schemas import RecordSchema
+from transforms.params import check_positive_int
 
 SQLITE_PREFIX = 'sqlite:///'
 POSTGRESQL_PREFIX = 'postgresql://'
@@ -177,15 +178,6 @@ def _check_directory_target(target: str) -> None:
         raise ValueError(
             f'target={target!r} is neither a sqlite:/// or postgresql:// URL nor a directory on a '
             f'filesystem Beam knows (local path, gs://...): {error}') from None
-
-
-def _check_positive_int(name: str, value, maximum: int | None = None) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-    if ok and maximum is not None:
-        ok = value <= maximum
-    if not ok:
-        allowed = f'an integer from 1 to {maximum:_}' if maximum is not None else 'an integer >= 1'
-        raise ValueError(f'{name}={value!r} is not allowed: {name} must be {allowed}')
 
 
 _PARTITION_TYPES = 'string, integer or date32'
@@ -698,7 +690,7 @@ class WriteKeyed(beam.PTransform):
         if not isinstance(target, str) or not target:
             raise ValueError(f'target={target!r} is not allowed: target must be a sqlite:///, '
                              'postgresql:// URL or a directory')
-        _check_positive_int('max_batch_rows', max_batch_rows)
+        check_positive_int('max_batch_rows', max_batch_rows)
         self._schema = schema
         self._target = target
         self._sql = parse_sql_target(target)
@@ -747,7 +739,7 @@ class WriteKeyed(beam.PTransform):
             if partition_by is None:
                 raise ValueError(f'buckets={buckets!r} is not allowed without partition_by: '
                                  'name the field to hash into buckets')
-            _check_positive_int('buckets', buckets, MAX_BUCKETS)
+            check_positive_int('buckets', buckets, MAX_BUCKETS)
 
     def expand(self, batches):
         if self._sql is not None:

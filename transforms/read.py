@@ -51,6 +51,7 @@ from transforms.dead_letters import METRICS_NAMESPACE, DeadLetter, locator
 from transforms.errors import ConfigError
 from transforms.schemas import LIST_SEPARATOR, ROW_COLUMN, SOURCE_COLUMN, RecordSchema, row_to_json
 from transforms.validation import CAST_ERRORS, can_cast, cast_columns, format_value, validate_batch
+from transforms.params import check_positive_int
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -683,8 +684,7 @@ class ReadRecords(beam.PTransform):
         if file_format is not None and file_format not in FILE_FORMATS:
             raise ValueError(f'file_format must be one of {list(FILE_FORMATS)} or None (inferred from the '
                              f'extension); got {file_format!r}')
-        if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
-            raise ValueError(f'batch_rows must be an integer >= 1; got {batch_rows!r}')
+        check_positive_int('batch_rows', batch_rows)
         if step is not None and (not isinstance(step, str) or not step):
             raise ValueError(f'step must be a non-empty label such as "ReadCandidates", or None; got {step!r}')
         self._file_pattern = file_pattern

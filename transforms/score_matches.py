@@ -15,6 +15,7 @@ from apache_beam.transforms import window
 from transforms import arrow_coder
 from transforms import scoring
 from transforms.dead_letters import METRICS_NAMESPACE
+from transforms.params import check_positive_int
 
 PAIRS_SCORED = 'pairs_scored'
 CANDIDATES_SCORED = 'candidates_scored'
@@ -137,8 +138,7 @@ class ScoreMatches(beam.PTransform):
         super().__init__()
         if not isinstance(config, scoring.ScoringConfig):
             raise ValueError(f'config must be a ScoringConfig, got {type(config).__name__}')
-        if not isinstance(pair_budget, int) or pair_budget < 1:
-            raise ValueError(f'pair_budget must be an integer >= 1 (pairs per scoring block), got {pair_budget!r}')
+        check_positive_int('pair_budget', pair_budget)
         self._offers = offers
         self._config = config
         self._pair_budget = pair_budget

@@ -370,7 +370,7 @@ def test_launch_fails_on_a_jsonl_file_whose_first_line_is_not_an_object(tmp_path
 @pytest.mark.parametrize('kwargs, message', [
     ({'file_pattern': ''}, 'file_pattern must be a non-empty'),
     ({'file_pattern': 'x.csv', 'file_format': 'xlsx'}, "file_format must be one of"),
-    ({'file_pattern': 'x.csv', 'batch_rows': 0}, 'batch_rows must be an integer >= 1; got 0'),
+    ({'file_pattern': 'x.csv', 'batch_rows': 0}, 'batch_rows=0 is not allowed: batch_rows must be an integer >= 1'),
     ({'file_pattern': 'x.csv', 'batch_rows': True}, 'batch_rows must be an integer >= 1'),
     ({'file_pattern': 'x.csv', 'step': ''}, 'step must be a non-empty label'),
     ({'file_pattern': 'x.csv', 'schema': 'candidates'}, 'schema must be a transforms.schemas.RecordSchema'),
