@@ -192,9 +192,12 @@ def _is_partitionable(arrow_type: pa.DataType) -> bool:
 # Batches: pure, columnar
 
 
-def conform_batch(batch: pa.RecordBatch, schema: RecordSchema) -> pa.RecordBatch:
+def conform_batch(batch: pa.RecordBatch, schema: RecordSchema, *,
+                  keep_dictionaries: bool = False) -> pa.RecordBatch:
     """The schema's fields of ``batch``, in declared order and types; other columns are dropped.
 
+    With ``keep_dictionaries``, a dictionary-encoded column of the declared value type stays encoded
+    (rows in flight to a shuffle stay small: a JSON string repeated on every row costs 4 bytes).
     Raises ValueError for a missing field or a null in a non-nullable one: validation upstream must
     have caught both, so this is a bug to fail on, not a record to route aside.
     """
@@ -202,11 +205,19 @@ def conform_batch(batch: pa.RecordBatch, schema: RecordSchema) -> pa.RecordBatch
     missing = [name for name in target.names if name not in batch.schema.names]
     if missing:
         raise ValueError(f'{schema.name}: the batch has no column {missing}; it has {batch.schema.names}')
-    arrays = [batch.column(f.name).cast(f.type) for f in target]
+
+    def conformed(field: pa.Field) -> pa.Array:
+        column = batch.column(field.name)
+        if keep_dictionaries and pa.types.is_dictionary(column.type) and column.type.value_type == field.type:
+            return column
+        return column.cast(field.type)
+
+    arrays = [conformed(f) for f in target]
     nulls = [f.name for f, array in zip(target, arrays) if not f.nullable and array.null_count]
     if nulls:
         raise ValueError(f'{schema.name}: non-nullable fields {nulls} hold nulls; validate before writing')
-    return pa.RecordBatch.from_arrays(arrays, schema=target)
+    fields = [f.with_type(array.type) for f, array in zip(target, arrays)]
+    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
 
 
 def transaction_slices(num_rows: int, max_rows: int) -> list[tuple[int, int]]:
@@ -283,7 +294,7 @@ def sort_partition(batches: typing.Sequence[pa.RecordBatch], schema: RecordSchem
     One chunk, so the file layout cannot depend on how the rows arrived. Raises ValueError if a key
     appears twice; ``label`` (the partition) makes that message findable.
     """
-    merged = pa.concat_batches(list(batches))
+    merged = pa.concat_batches([conform_batch(batch, schema) for batch in batches])
     order = pc.sort_indices(merged, sort_keys=[(k, 'ascending') for k in schema.key])
     table = pa.Table.from_batches([merged.take(order)])
     duplicates = duplicate_key_count(table, schema.key)
@@ -607,7 +618,8 @@ class _SplitByPartitionFn(beam.DoFn):
         self._buckets = buckets
 
     def process(self, batch: pa.RecordBatch) -> typing.Iterator[tuple[str, pa.RecordBatch]]:
-        yield from split_by_partition(conform_batch(batch, self._schema), self._partition_by, self._buckets)
+        yield from split_by_partition(conform_batch(batch, self._schema, keep_dictionaries=True),
+                                      self._partition_by, self._buckets)
 
 
 class _WritePartitionFn(beam.DoFn):

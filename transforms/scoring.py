@@ -498,7 +498,9 @@ def to_match_rows(matches: pa.RecordBatch, config: ScoringConfig, *, ranked: boo
         'rank': pa.array(rank.astype(np.int32)) if ranked else pa.nulls(n, pa.int32()),
         **{f'score_{c}': ordered.column(f'score_{c}') for c in SCORE_COMPONENTS},
         'distance_km': ordered.column('distance_km'),
+        # One JSON string for the whole run, dictionary-encoded: 4 bytes a row until it is written.
         'weights': pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)),
-                                                  pa.array([config.weights_json()])).cast(pa.string()),
+                                                  pa.array([config.weights_json()])),
     }
-    return pa.RecordBatch.from_arrays([columns[name] for name in MATCHES.names], schema=MATCHES.arrow_schema())
+    fields = [f.with_type(columns[f.name].type) for f in MATCHES.arrow_schema()]
+    return pa.RecordBatch.from_arrays([columns[f.name] for f in fields], schema=pa.schema(fields))
