@@ -14,9 +14,12 @@ from apache_beam.transforms import window
 
 from transforms import arrow_coder
 from transforms import scoring
+from transforms.batching import Rebatcher
 from transforms.dead_letters import METRICS_NAMESPACE
 from transforms.params import check_positive_int
 
+_OUTPUT_ROWS = 65_536
+_OUTPUT_BYTES = 16 << 20
 PAIRS_SCORED = 'pairs_scored'
 CANDIDATES_SCORED = 'candidates_scored'
 MATCHES_FOUND = 'matches'
@@ -59,6 +62,9 @@ class _ScoreBatchFn(beam.DoFn):
 
     def start_bundle(self):
         self._top_k = None
+        # Matches leave in batches of about _OUTPUT_ROWS: a few large elements cross the shuffle
+        # to the writer far more cheaply than thousands of small ones.
+        self._rebatcher = Rebatcher(max_rows=_OUTPUT_ROWS, max_bytes=_OUTPUT_BYTES)
 
     def process(self, candidates: pa.RecordBatch, offers):
         index = self._offer_index(offers)
@@ -69,8 +75,8 @@ class _ScoreBatchFn(beam.DoFn):
             for pairs, matches in scoring.score_candidates(candidates, index, self._config,
                                                            pair_budget=self._pair_budget, workspace=self._workspace):
                 self._pairs.inc(pairs)
-                if matches.num_rows:
-                    yield matches
+                # A match row is ~100 bytes: none is ever 'oversize', every piece is a batch to emit.
+                yield from (batch for _, batch in self._rebatcher.add(matches))
             return
         if self._top_k is None or self._top_k.index is not index:
             yield from self._flush()
@@ -81,6 +87,8 @@ class _ScoreBatchFn(beam.DoFn):
             self._top_k.add(matches)
 
     def _flush(self):
+        for _, batch in self._rebatcher.flush():
+            yield batch
         if self._top_k is not None:
             result = self._top_k.result()
             self._top_k = None
