@@ -700,8 +700,8 @@ class ReadRecords(beam.PTransform):
                      len({t.path for t in tasks}), self._file_pattern)
         return (
             pbegin
+            # Create reshuffles its elements (more than one): the tasks spread over the workers.
             | 'ListReadTasks' >> beam.Create(tasks).with_output_types(ReadTask)
-            | 'SpreadReadTasks' >> beam.Reshuffle()
             | 'ReadAndValidate' >> beam.ParDo(_ReadTaskFn(
                 schema=self._schema, file_format=file_format, batch_rows=self._batch_rows, step=self._step))
             .with_outputs(DEAD_LETTERS_TAG, main=RECORDS_TAG))
