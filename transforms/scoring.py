@@ -22,6 +22,7 @@ vectorised kernel is tested against, and the per-pair loop the benchmarks compar
 ``n x m``; callers bound ``n x m`` (``pair_budget``) so the cross product is never materialised whole.
 """
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Iterator
@@ -168,29 +169,29 @@ class OfferIndex:
     def size(self) -> int:
         return len(self.offer_ids)
 
-    @property
+    @functools.cached_property
     def count_dtype(self):
         # Skill counts fit a byte unless an offer lists more than 255 skills of one kind.
         widest = max(self.required_count.max(initial=0), self.nice_count.max(initial=0))
         return np.uint16 if widest > np.iinfo(np.uint8).max else np.uint8
 
-    @property
+    @functools.cached_property
     def inverse_required(self) -> np.ndarray:
         return _inverse_or_zero(self.required_count)
 
-    @property
+    @functools.cached_property
     def required_bias(self) -> np.ndarray:
         return (self.required_count == 0).astype(np.float32)
 
-    @property
+    @functools.cached_property
     def inverse_nice(self) -> np.ndarray:
         return _inverse_or_zero(self.nice_count)
 
-    @property
+    @functools.cached_property
     def nice_bias(self) -> np.ndarray:
         return (self.nice_count == 0).astype(np.float32)
 
-    @property
+    @functools.cached_property
     def experience_floor(self) -> np.ndarray:
         return (self.inverse_min_experience == 0).astype(np.float32)
 
