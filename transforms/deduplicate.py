@@ -107,18 +107,46 @@ def _losers_of_bucket(element) -> pa.RecordBatch:
     return find_duplicates(pa.Table.from_batches(list(parts)))
 
 
-class _LoserLookup:
-    """Loser locations by source file, with the winner of each, for fast per-batch masks."""
+class Losers:
+    """The locations to drop (not the first of their key), by source file, with each one's winner.
+
+    Built from the output of ``find_duplicates``; ``drop`` applies it to a batch.
+    """
 
     def __init__(self, losers: list[pa.RecordBatch]):
-        self.by_source: dict[str, tuple[np.ndarray, dict[int, tuple[str, int]]]] = {}
+        by_source: dict[str, tuple[list[int], dict[int, tuple[str, int]]]] = {}
         rows = [r for batch in losers for r in batch.to_pylist()]
         for row in rows:
-            entry = self.by_source.setdefault(row[schemas.SOURCE_COLUMN], ([], {}))
+            entry = by_source.setdefault(row[schemas.SOURCE_COLUMN], ([], {}))
             entry[0].append(row[schemas.ROW_COLUMN])
             entry[1][row[schemas.ROW_COLUMN]] = (row['winner_source'], row['winner_row'])
-        self.by_source = {s: (np.array(sorted(r), dtype=np.int64), w) for s, (r, w) in self.by_source.items()}
+        self.by_source = {s: (np.array(sorted(r), dtype=np.int64), w) for s, (r, w) in by_source.items()}
         self.size = len(rows)
+
+    def drop(self, batch: pa.RecordBatch, schema: schemas.RecordSchema, step: str
+             ) -> tuple[pa.RecordBatch, list[DeadLetter]]:
+        """``batch`` without the losing rows, and a dead letter for each of them."""
+        if not self.size:
+            return batch, []
+        sources = batch.column(schemas.SOURCE_COLUMN)
+        rows = batch.column(schemas.ROW_COLUMN).to_numpy()
+        drop = np.zeros(batch.num_rows, dtype=bool)
+        for source in pc.unique(sources).to_pylist():
+            if source in self.by_source:
+                in_source = pc.equal(sources, source).to_numpy(zero_copy_only=False)
+                drop |= in_source & np.isin(rows, self.by_source[source][0])
+        if not drop.any():
+            return batch, []
+        letters = [self._letter(batch.slice(int(i), 1), schema, step) for i in np.flatnonzero(drop)]
+        return batch.filter(pa.array(~drop)), letters
+
+    def _letter(self, row_batch: pa.RecordBatch, schema: schemas.RecordSchema, step: str) -> DeadLetter:
+        row = row_batch.to_pylist()[0]
+        source, number = row.pop(schemas.SOURCE_COLUMN), row.pop(schemas.ROW_COLUMN)
+        winner = locator(*self.by_source[source][1][number])
+        key = ', '.join(f'{k}={row[k]!r}' for k in schema.key)
+        return DeadLetter(step=step, error=f'duplicate key {key}: the first occurrence, at {winner}, is kept',
+                          payload=schemas.row_to_json(row), source=locator(source, number))
 
 
 class _DropLosersFn(beam.DoFn):
@@ -127,37 +155,40 @@ class _DropLosersFn(beam.DoFn):
         self._schema = schema
         self._step = step
         self._dropped = Metrics.counter(METRICS_NAMESPACE, f'{schema.name}_duplicates')
-        self._lookup = None
-        self._lookup_of = None
+        self._losers = None
+        self._losers_of = None
 
     def process(self, batch: pa.RecordBatch, losers):
-        if self._lookup_of is not losers:
-            self._lookup, self._lookup_of = _LoserLookup(losers), losers
-        if not self._lookup.size:
-            yield batch
-            return
-        sources = batch.column(schemas.SOURCE_COLUMN)
-        rows = batch.column(schemas.ROW_COLUMN).to_numpy()
-        drop = np.zeros(batch.num_rows, dtype=bool)
-        for source in pc.unique(sources).to_pylist():
-            if source in self._lookup.by_source:
-                in_source = pc.equal(sources, source).to_numpy(zero_copy_only=False)
-                drop |= in_source & np.isin(rows, self._lookup.by_source[source][0])
-        if not drop.any():
-            yield batch
-            return
-        for i in np.flatnonzero(drop):
-            yield beam.pvalue.TaggedOutput(DropDuplicateKeys.DEAD_LETTERS, self._letter(batch.slice(int(i), 1)))
-        self._dropped.inc(int(drop.sum()))
-        yield batch.filter(pa.array(~drop))
+        if self._losers_of is not losers:
+            self._losers, self._losers_of = Losers(losers), losers
+        kept, letters = self._losers.drop(batch, self._schema, self._step)
+        for letter in letters:
+            yield beam.pvalue.TaggedOutput(DropDuplicateKeys.DEAD_LETTERS, letter)
+        self._dropped.inc(len(letters))
+        yield kept
 
-    def _letter(self, row_batch: pa.RecordBatch) -> DeadLetter:
-        row = row_batch.to_pylist()[0]
-        source, number = row.pop(schemas.SOURCE_COLUMN), row.pop(schemas.ROW_COLUMN)
-        winner = locator(*self._lookup.by_source[source][1][number])
-        key = ', '.join(f'{k}={row[k]!r}' for k in self._schema.key)
-        return DeadLetter(step=self._step, error=f'duplicate key {key}: the first occurrence, at {winner}, is kept',
-                          payload=schemas.row_to_json(row), source=locator(source, number))
+
+class FindDuplicateKeys(beam.PTransform):
+    """RecordBatches (with ``_source``/``_row``) -> the locations that are not the first of their key.
+
+    Output: RecordBatches as returned by ``find_duplicates``, none when there is no duplicate; pass
+    them as a list side input to ``Losers``.
+    """
+
+    def __init__(self, *, key: tuple[str, ...], buckets: int = 64):
+        super().__init__()
+        check_positive_int('buckets', buckets)
+        self._key = key
+        self._buckets = buckets
+
+    def expand(self, records):
+        return (
+            records
+            | 'SplitByBucket' >> beam.ParDo(_SplitByBucketFn(self._key, self._buckets)
+                                           ).with_output_types(typing.Tuple[int, pa.RecordBatch])
+            | 'GroupBuckets' >> beam.GroupByKey()
+            | 'FindDuplicates' >> beam.Map(_losers_of_bucket).with_output_types(pa.RecordBatch)
+            | 'KeepNonEmpty' >> beam.Filter(lambda batch: batch.num_rows > 0))
 
 
 class DropDuplicateKeys(beam.PTransform):
@@ -180,13 +211,7 @@ class DropDuplicateKeys(beam.PTransform):
 
     def expand(self, records):
         reference = records if self._reference is None else self._reference
-        losers = (
-            reference
-            | 'SplitByBucket' >> beam.ParDo(_SplitByBucketFn(self._schema.key, self._buckets)
-                                           ).with_output_types(typing.Tuple[int, pa.RecordBatch])
-            | 'GroupBuckets' >> beam.GroupByKey()
-            | 'FindDuplicates' >> beam.Map(_losers_of_bucket).with_output_types(pa.RecordBatch)
-            | 'KeepNonEmpty' >> beam.Filter(lambda batch: batch.num_rows > 0))
+        losers = reference | 'FindDuplicateKeys' >> FindDuplicateKeys(key=self._schema.key, buckets=self._buckets)
         return records | 'DropLosers' >> beam.ParDo(
             _DropLosersFn(self._schema, self._step), losers=beam.pvalue.AsList(losers)
         ).with_output_types(pa.RecordBatch).with_outputs(self.DEAD_LETTERS, main='records')

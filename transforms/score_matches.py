@@ -7,6 +7,8 @@ straight out. With ``top_k``, each bundle keeps a running best K per offer (``sc
 and one combine merges the bundles' results: nothing ever holds more than about K rows per offer,
 twice over, whatever the number of candidates.
 """
+import typing
+
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.metrics import Metrics
@@ -25,20 +27,49 @@ CANDIDATES_SCORED = 'candidates_scored'
 MATCHES_FOUND = 'matches'
 
 
-def _offer_table(batches: list[pa.RecordBatch]) -> pa.Table:
-    """All offers as one table, sorted by id so every worker builds the same index."""
-    if not batches:
+class MatchScorer:
+    """Scores candidate batches against one offer index, in preallocated buffers.
+
+    With ``config.top_k`` it keeps the running top K per offer (``result()``), so later batches skip
+    every pair below an offer's current K-th best score; without, ``score`` yields the match blocks.
+    ``pairs`` counts the pairs scored.
+    """
+
+    def __init__(self, index: scoring.OfferIndex, config: scoring.ScoringConfig, pair_budget: int):
+        self.index = index
+        self._config = config
+        self._pair_budget = pair_budget
+        self._workspace = scoring.Workspace(max(1, pair_budget // index.size), index)
+        self._top_k = scoring.TopKPerOffer(index, config.top_k) if config.top_k else None
+        self.pairs = 0
+
+    def score(self, candidates: pa.RecordBatch) -> typing.Iterator[pa.RecordBatch]:
+        floors = self._top_k.floors if self._top_k else None
+        for pairs, matches in scoring.score_candidates(candidates, self.index, self._config,
+                                                       pair_budget=self._pair_budget, floors=floors,
+                                                       workspace=self._workspace):
+            self.pairs += pairs
+            if self._top_k is not None:
+                self._top_k.add(matches)
+            elif matches.num_rows:
+                yield matches
+
+    def result(self) -> pa.RecordBatch | None:
+        """The top K per offer of everything scored (top-K mode), else None."""
+        return self._top_k.result() if self._top_k is not None else None
+
+
+def offer_index(offers: list[pa.RecordBatch]) -> scoring.OfferIndex | None:
+    """The index of all offers (sorted by id, so every worker builds the same), None if there are none."""
+    if not offers:
         return None
-    table = pa.Table.from_batches(batches)
-    return table.sort_by('offer_id').combine_chunks()
+    table = pa.Table.from_batches(offers).sort_by('offer_id').combine_chunks()
+    return scoring.OfferIndex.build(table) if table.num_rows else None
 
 
 class _ScoreBatchFn(beam.DoFn):
-    """Scores candidate batches; with top-K, keeps a running top K per offer for the whole bundle.
-
-    Keeping the top K across the bundle (emitted when it finishes) lets later batches skip every
-    pair below an offer's current K-th best score, so almost nothing but the final rows leaves.
-    """
+    """Scores candidate batches; with top-K, one ``MatchScorer`` serves the whole bundle and its top K
+    leaves when the bundle finishes, so almost nothing but the final rows leaves."""
 
     def __init__(self, config: scoring.ScoringConfig, pair_budget: int):
         self._config = config
@@ -47,52 +78,35 @@ class _ScoreBatchFn(beam.DoFn):
         self._candidates = Metrics.counter(METRICS_NAMESPACE, CANDIDATES_SCORED)
         self._index = None
         self._index_of = None
-        self._workspace = None
-        self._top_k = None
-
-    def _offer_index(self, offers: list[pa.RecordBatch]) -> scoring.OfferIndex | None:
-        # The side input is the same object for every element of a bundle: index it once.
-        if self._index_of is not offers:
-            table = _offer_table(offers)
-            self._index = scoring.OfferIndex.build(table) if table is not None and table.num_rows else None
-            self._index_of = offers
-            self._workspace = None if self._index is None else scoring.Workspace(
-                max(1, self._pair_budget // self._index.size), self._index)
-        return self._index
+        self._scorer = None
 
     def start_bundle(self):
-        self._top_k = None
+        self._scorer = None
         # Matches leave in batches of about _OUTPUT_ROWS: a few large elements cross the shuffle
         # to the writer far more cheaply than thousands of small ones.
         self._rebatcher = Rebatcher(max_rows=_OUTPUT_ROWS, max_bytes=_OUTPUT_BYTES)
 
     def process(self, candidates: pa.RecordBatch, offers):
-        index = self._offer_index(offers)
+        if self._index_of is not offers:  # the side input is one object per bundle: index it once
+            self._index, self._index_of = offer_index(offers), offers
         self._candidates.inc(candidates.num_rows)
-        if index is None:
+        if self._index is None:
             return
-        if self._config.top_k is None:
-            for pairs, matches in scoring.score_candidates(candidates, index, self._config,
-                                                           pair_budget=self._pair_budget, workspace=self._workspace):
-                self._pairs.inc(pairs)
-                # A match row is ~100 bytes: none is ever 'oversize', every piece is a batch to emit.
-                yield from (batch for _, batch in self._rebatcher.add(matches))
-            return
-        if self._top_k is None or self._top_k.index is not index:
+        if self._scorer is None or self._scorer.index is not self._index:
             yield from self._flush()
-            self._top_k = scoring.TopKPerOffer(index, self._config.top_k)
-        for pairs, matches in scoring.score_candidates(candidates, index, self._config, pair_budget=self._pair_budget,
-                                                       floors=self._top_k.floors, workspace=self._workspace):
-            self._pairs.inc(pairs)
-            self._top_k.add(matches)
+            self._scorer = MatchScorer(self._index, self._config, self._pair_budget)
+        before = self._scorer.pairs
+        for matches in self._scorer.score(candidates):
+            # A match row is ~100 bytes: none is ever 'oversize', every piece is a batch to emit.
+            yield from (batch for _, batch in self._rebatcher.add(matches))
+        self._pairs.inc(self._scorer.pairs - before)
 
     def _flush(self):
-        for _, batch in self._rebatcher.flush():
-            yield batch
-        if self._top_k is not None:
-            result = self._top_k.result()
-            self._top_k = None
-            if result.num_rows:
+        yield from (batch for _, batch in self._rebatcher.flush())
+        if self._scorer is not None:
+            result = self._scorer.result()
+            self._scorer = None
+            if result is not None and result.num_rows:
                 yield result
 
     def finish_bundle(self):
