@@ -3,6 +3,8 @@
     hrbatch demo                      generate sample data and run matching on it (local defaults)
     hrbatch generate --output DIR ... write seeded sample candidates and offers
     hrbatch run NAME [options]        run one pipeline; ``hrbatch run NAME --help`` lists its options
+    hrbatch runs list|show RUN_ID     the run ledger (--database URL or $HRBATCH_DATABASE)
+    hrbatch audit list|verify         the audit trail; verify exits 1 naming a tampered record
 
 Configuration errors print one line naming the option, the value and what is allowed, and exit 2.
 """
@@ -41,7 +43,9 @@ def _demo(argv: list[str]) -> int:
         '--candidates', os.path.join(data_dir, 'candidates.parquet'),
         '--offers', os.path.join(data_dir, 'offers.parquet'),
         '--output', os.path.join(args.output, 'output'),
-        '--top_k', str(args.top_k), *beam_args])
+        '--top_k', str(args.top_k),
+        # The demo always recomputes: rerunning it must show a run, not "already succeeded".
+        '--force', *beam_args])
     return 0
 
 
@@ -58,11 +62,17 @@ def main(argv: list[str] | None = None) -> int:
             return generate.main(rest)
         if command == 'demo':
             return _demo(rest)
+        if command == 'runs':
+            from pipelines import runs_cli
+            return runs_cli.runs_main(rest)
+        if command == 'audit':
+            from pipelines import runs_cli
+            return runs_cli.audit_main(rest)
         if command == 'run':
             if not rest:
                 raise ConfigError(f'hrbatch run needs a pipeline name: {", ".join(sorted(registry.PIPELINES))}')
             return _run_pipeline(rest[0], rest[1:])
-        raise ConfigError(f'unknown command {command!r}; commands: demo, generate, run')
+        raise ConfigError(f'unknown command {command!r}; commands: demo, generate, run, runs, audit')
     except ConfigError as err:
         print(f'hrbatch: error: {err}', file=sys.stderr)
         return 2

@@ -24,32 +24,47 @@ On Dataflow::
         --project PROJECT --region europe-west1 --temp_location gs://BUCKET/tmp
 """
 import dataclasses
-import datetime
+import logging
 import os
 import sys
 import typing
-import uuid
 
 import apache_beam as beam
+import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.metrics import Metrics
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines import lifecycle
 from pipelines import options as opts
 from pipelines.runner import resolve_runner
 from transforms import schemas
 from transforms import scoring
-from transforms.batching import BatchBySize
+from transforms.batching import Rebatcher
+from transforms.batching import oversize_letter
+from transforms.checkpoints import CheckpointStore
+from transforms.checkpoints import checkpoint_scope
+from transforms.checkpoints import unit_id
 from transforms.dead_letters import METRICS_NAMESPACE
+from transforms.dead_letters import DeadLetter
 from transforms.dead_letters import WriteDeadLetters
 from transforms.deduplicate import DropDuplicateKeys
+from transforms.deduplicate import FindDuplicateKeys
+from transforms.deduplicate import Losers
 from transforms.errors import ConfigError
 from transforms.keyed_write import WriteKeyed
 from transforms.read import ReadRecords
-from transforms.score_matches import ScoreMatches
+from transforms.read import ReadTask
+from transforms.read import plan_read_tasks
+from transforms.read import read_records
+from transforms.score_matches import MatchScorer
+from transforms.score_matches import offer_index
 
 NAME = 'matching'
+_LOGGER = logging.getLogger(__name__)
+_DEAD_LETTERS = 'dead_letters'
 _CANDIDATE_KEYS = schemas.CANDIDATES.project(schemas.CANDIDATES.key, name='candidate_keys')
 # Ids are a few bytes each: big batches keep the pieces that cross the duplicate search's shuffle few.
 _KEY_BATCH_ROWS = 65_536
@@ -81,8 +96,9 @@ OPTIONS = (
                 default=scoring.DEFAULT_PAIR_BUDGET, min_value=1),
     opts.Option('partition_buckets', 'Number of Parquet partitions (hash buckets of offer_id).', type='int',
                 default=16, min_value=1, max_value=100_000),
-    opts.Option('run_id', 'Identifier of this run, stamped on dead letters. Default: generated.'),
 )
+OPTIONS = OPTIONS + lifecycle.LIFECYCLE_OPTIONS
+_DATA_CATEGORIES = ['candidates', 'job offers', 'matches']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +125,7 @@ class MatchingConfig:
         return FileSystems.join(self.output, 'dead_letters', 'dead_letters')
 
     @classmethod
-    def from_values(cls, values: dict) -> 'MatchingConfig':
+    def from_values(cls, values: dict, *, run_id: str) -> 'MatchingConfig':
         weights = values['weights']
         if not isinstance(weights, dict):
             raise ConfigError(f'--weights must be a JSON object such as {{"distance": 0.2}}, got {weights!r}')
@@ -128,8 +144,6 @@ class MatchingConfig:
             database = None
         elif not database.startswith(('sqlite:///', 'postgresql://')):
             raise ConfigError(f'--database={database!r}: must be sqlite:///PATH, postgresql://... or none')
-        run_id = values['run_id'] or (
-            f'{NAME}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}')
         return cls(candidates=values['candidates'], offers=values['offers'], output=output, database=database,
                    candidates_format=values['candidates_format'], offers_format=values['offers_format'],
                    scoring=config, batch_rows=values['batch_rows'], batch_bytes=values['batch_bytes'],
@@ -141,28 +155,127 @@ class Outputs(typing.NamedTuple):
     dead_letters: beam.PCollection  # DeadLetter records from every step
 
 
-def build(pipeline: beam.Pipeline, config: MatchingConfig) -> Outputs:
-    """Adds the matching graph to ``pipeline`` and returns its matches and dead letters."""
-    def read(label, pattern, schema, file_format, batch_rows=config.batch_rows):
-        return pipeline | label >> ReadRecords(file_pattern=pattern, schema=schema, file_format=file_format,
-                                               batch_rows=batch_rows, step=label)
+class _ScoreTaskFn(beam.DoFn):
+    """Reads, de-duplicates, batches and scores one candidate read task, then commits its result.
 
-    offers_read = read('ReadOffers', config.offers, schemas.OFFERS, config.offers_format)
+    The task is the unit of resumption: its matches (with top-K, the exact top K per offer among the
+    task's candidates) and its dead letters are committed together with its counts, and a rerun of
+    the same run skips it. Each task gets its own scorer, so its result depends on its rows alone.
+    """
+
+    def __init__(self, config: MatchingConfig, file_format: str, store_root: str):
+        self._config = config
+        self._file_format = file_format
+        self._store_root = store_root
+        self._index = self._index_of = None
+        self._losers = self._losers_of = None
+
+    def setup(self):
+        self._store = CheckpointStore(self._store_root)
+
+    def process(self, task: ReadTask, offers, losers):
+        if self._index_of is not offers:  # side inputs are one object per bundle: index them once
+            self._index, self._index_of = offer_index(offers), offers
+        if self._losers_of is not losers:
+            self._losers, self._losers_of = Losers(losers), losers
+        config = self._config
+        letters, blocks = [], []
+        counts = {'candidates_read': 0, 'candidates_rejected': 0, 'candidates_duplicates': 0, 'pairs_scored': 0}
+        scorer = MatchScorer(self._index, config.scoring, config.pair_budget) if self._index else None
+        rebatcher = Rebatcher(max_rows=config.batch_rows, max_bytes=config.batch_bytes)
+
+        def score(outputs):
+            for kind, batch in outputs:
+                if kind == 'oversize':
+                    letters.append(oversize_letter(batch, 'BatchCandidates', config.batch_bytes))
+                elif scorer is not None:
+                    blocks.extend(scorer.score(batch))
+
+        for item in read_records(task, schema=schemas.CANDIDATES, file_format=self._file_format,
+                                 batch_rows=config.batch_rows, step='ReadCandidates'):
+            if isinstance(item, DeadLetter):
+                letters.append(item)
+                counts['candidates_rejected'] += 1
+                continue
+            counts['candidates_read'] += item.num_rows
+            kept, duplicates = self._losers.drop(item, schemas.CANDIDATES, 'DropDuplicateCandidates')
+            letters += duplicates
+            counts['candidates_duplicates'] += len(duplicates)
+            score(rebatcher.add(kept))
+        score(rebatcher.flush())
+        rows = scorer.result() if scorer is not None and config.scoring.top_k else None
+        if rows is None:
+            rows = pa.concat_batches(blocks) if blocks else scoring.empty_matches()
+        counts['pairs_scored'] = scorer.pairs if scorer is not None else 0
+        self._store.commit(unit_id(*task), pa.Table.from_batches([rows]), letters, counts)
+        yield unit_id(*task)
+
+
+class _LoadCommittedFn(beam.DoFn):
+    """Once every task is committed (the side input), emits all their results: this run's and those a
+    run that died had committed. With top-K, merges them into the exact top K per offer."""
+
+    def __init__(self, config: MatchingConfig, store_root: str, units: list[str]):
+        self._config = config
+        self._store_root = store_root
+        self._units = units
+
+    def process(self, _, committed_now):
+        store = CheckpointStore(self._store_root)
+        top_k = self._config.scoring.top_k
+        merged = []
+        for unit in self._units:
+            result = store.load(unit)
+            for name, value in result.counts.items():
+                Metrics.counter(METRICS_NAMESPACE, name).inc(value)
+            for letter in result.dead_letters:
+                yield beam.pvalue.TaggedOutput(_DEAD_LETTERS, letter)
+            for block in result.rows.to_batches():
+                if top_k:
+                    merged = [scoring.merge_top_k(merged + [block], top_k)]
+                elif block.num_rows:
+                    yield scoring.to_match_rows(block, self._config.scoring, ranked=False)
+        if top_k and merged and merged[0].num_rows:
+            yield scoring.to_match_rows(merged[0], self._config.scoring, ranked=True)
+
+
+def build(pipeline: beam.Pipeline, config: MatchingConfig, store: CheckpointStore) -> Outputs:
+    """Adds the matching graph to ``pipeline`` and returns its matches and dead letters.
+
+    Candidate read tasks already committed in ``store`` (by a run that died) are not read again.
+    """
+    offers_read = pipeline | 'ReadOffers' >> ReadRecords(
+        file_pattern=config.offers, schema=schemas.OFFERS, file_format=config.offers_format,
+        batch_rows=config.batch_rows, step='ReadOffers')
     offers = offers_read.records | 'DropDuplicateOffers' >> DropDuplicateKeys(
         schema=schemas.OFFERS, step='DropDuplicateOffers')
-    candidates_read = read('ReadCandidates', config.candidates, schemas.CANDIDATES, config.candidates_format)
-    # Duplicates are found on a second read of just the candidates' ids, so the full read streams
-    # straight into scoring instead of being held until every id has been seen (memory stays flat).
-    # The first occurrence of an id (by file, then row) is kept, even when it is itself rejected
-    # for another reason: which copy is right is for a person to decide, from the dead letters.
-    candidate_keys = read('ReadCandidateKeys', config.candidates, _CANDIDATE_KEYS, config.candidates_format,
-                          batch_rows=_KEY_BATCH_ROWS)
-    candidates = candidates_read.records | 'DropDuplicateCandidates' >> DropDuplicateKeys(
-        schema=schemas.CANDIDATES, reference=candidate_keys.records, buckets=16, step='DropDuplicateCandidates')
-    batches = candidates.records | 'BatchCandidates' >> BatchBySize(
-        max_rows=config.batch_rows, max_bytes=config.batch_bytes, step='BatchCandidates')
-    matches = batches.batches | 'ScoreMatches' >> ScoreMatches(
-        offers=offers.records, config=config.scoring, pair_budget=config.pair_budget)
+    # Duplicate ids are found on a separate read of just the candidates' ids, so the full read
+    # streams straight into scoring instead of being held until every id has been seen (memory
+    # stays flat). The first occurrence of an id (by file, then row) is kept, even when it is itself
+    # rejected for another reason: which copy is right is for a person to decide, from the dead letters.
+    candidate_keys = pipeline | 'ReadCandidateKeys' >> ReadRecords(
+        file_pattern=config.candidates, schema=_CANDIDATE_KEYS, file_format=config.candidates_format,
+        batch_rows=_KEY_BATCH_ROWS, step='ReadCandidateKeys')
+    losers = candidate_keys.records | 'FindDuplicateCandidates' >> FindDuplicateKeys(
+        key=schemas.CANDIDATES.key, buckets=16)
+
+    file_format, tasks = plan_read_tasks(config.candidates, schemas.CANDIDATES, config.candidates_format)
+    units = [unit_id(*task) for task in tasks]
+    done = store.committed()
+    todo = [task for task, unit in zip(tasks, units) if unit not in done]
+    _LOGGER.info('matching: %d of %d candidate read tasks already committed', len(tasks) - len(todo), len(tasks))
+    committed_now = (
+        pipeline
+        | 'ListCandidateTasks' >> beam.Create(todo).with_output_types(ReadTask)
+        | 'ScoreTasks' >> beam.ParDo(_ScoreTaskFn(config, file_format, store.root),
+                                     offers=beam.pvalue.AsList(offers.records), losers=beam.pvalue.AsList(losers)))
+    loaded = (
+        pipeline
+        | 'AfterAllTasks' >> beam.Impulse()
+        | 'LoadCommitted' >> beam.ParDo(_LoadCommittedFn(config, store.root, units),
+                                        committed_now=beam.pvalue.AsList(committed_now))
+        .with_output_types(pa.RecordBatch).with_outputs(_DEAD_LETTERS, main='matches'))
+    matches = loaded.matches
 
     matches | 'WriteParquet' >> WriteKeyed(schema=schemas.MATCHES, target=config.matches_dir,
                                            partition_by='offer_id', buckets=config.partition_buckets)
@@ -170,8 +283,7 @@ def build(pipeline: beam.Pipeline, config: MatchingConfig) -> Outputs:
         matches | 'WriteDatabase' >> WriteKeyed(schema=schemas.MATCHES, target=config.database, table='matches')
 
     dead_letters = (
-        (offers_read.dead_letters, offers.dead_letters, candidates_read.dead_letters,
-         candidates.dead_letters, batches.dead_letters)
+        (offers_read.dead_letters, offers.dead_letters, loaded[_DEAD_LETTERS])
         | 'FlattenDeadLetters' >> beam.Flatten())
     dead_letters | 'WriteDeadLetters' >> WriteDeadLetters(output_prefix=config.dead_letters_prefix,
                                                           run_id=config.run_id)
@@ -199,7 +311,7 @@ def summarize(result, config: MatchingConfig) -> dict:
             best = max(best, float(max(table.column('score').to_pylist())))
     return {
         'run_id': config.run_id,
-        'candidates_read': _counter(result, 'candidates_read', 'ReadCandidates'),
+        'candidates_read': _counter(result, 'candidates_read'),
         'offers_read': _counter(result, 'offers_read', 'ReadOffers'),
         'pairs_scored': _counter(result, 'pairs_scored'),
         'matches_written': _counter(result, 'matches_parquet_rows'),
@@ -229,17 +341,38 @@ def print_summary(summary: dict, out=None) -> None:
 
 
 def run(argv: list[str] | None = None) -> dict:
-    """Parses ``argv``, runs the pipeline to completion and returns its summary."""
+    """Parses ``argv``, runs the pipeline to completion under the run ledger, returns its summary.
+
+    A run key that already succeeded is not run again: the summary then only holds ``skipped``.
+    """
     values, beam_args = opts.parse(OPTIONS, list(sys.argv[1:] if argv is None else argv), prog=f'hrbatch run {NAME}')
-    config = MatchingConfig.from_values(values)
-    pipeline_options = PipelineOptions(beam_args)
-    standard = pipeline_options.view_as(beam.options.pipeline_options.StandardOptions)
-    standard.runner = resolve_runner(standard.runner)
-    pipeline = beam.Pipeline(options=pipeline_options)
-    build(pipeline, config)
-    result = pipeline.run()
-    result.wait_until_finish()
-    summary = summarize(result, config)
+    spec = lifecycle.RunSpec.from_values(NAME, values, values['output'])
+    config = MatchingConfig.from_values(values, run_id=spec.run_id)
+    parameters = {k: v for k, v in values.items() if k not in ('run_id', 'force', 'resume', 'operator', 'ledger')}
+    parameters['beam_args'] = beam_args
+    summary = {}
+
+    def work(store):
+        pipeline_options = PipelineOptions(beam_args)
+        standard = pipeline_options.view_as(beam.options.pipeline_options.StandardOptions)
+        standard.runner = resolve_runner(standard.runner)
+        pipeline = beam.Pipeline(options=pipeline_options)
+        build(pipeline, config, store)
+        result = pipeline.run()
+        result.wait_until_finish()
+        summary.update(summarize(result, config))
+        counts = {k: summary[k] for k in ('candidates_read', 'offers_read', 'pairs_scored', 'matches_written',
+                                          'offers_with_matches', 'dead_letters')}
+        outputs = {'matches': config.matches_dir, 'database': config.database,
+                   'dead_letters': config.dead_letters_prefix}
+        return lifecycle.Outcome(counts=counts, outputs=outputs,
+                                 record_refs={'matches_dir': config.matches_dir, 'matches_written': summary['matches_written']})
+
+    outcome = lifecycle.execute(spec, parameters=parameters, inputs=[config.candidates, config.offers],
+                                data_categories=_DATA_CATEGORIES,
+                                checkpoint_root=FileSystems.join(config.output, '.checkpoints'), work=work)
+    if outcome is None:
+        return {'skipped': True, 'run_key': spec.run_key}
     print_summary(summary)
     return summary
 

@@ -124,8 +124,10 @@ def parse(options: tuple[Option, ...], argv: list[str], *, prog: str) -> tuple[d
     """Splits ``argv`` into this pipeline's typed values and the Beam flags to pass on."""
     parser = _Parser(prog=prog, allow_abbrev=False, description=f'{prog} pipeline options')
     for option in options:
+        # A bare boolean flag (--force) means true; templates pass --force=true or --force=false.
+        extra = {'nargs': '?', 'const': 'true'} if option.type == 'bool' else {}
         parser.add_argument(option.flag, dest=option.name, required=option.required, default=None,
-                            metavar=option.type.upper(), help=option.help)
+                            metavar=option.type.upper(), help=option.help, **extra)
     known, rest = parser.parse_known_args(argv)
     _check_beam_args(rest, options)
     values = {}

@@ -119,7 +119,7 @@ def rebatch(batches: Iterable[pa.RecordBatch], *, max_rows: int, max_bytes: int
     yield from rebatcher.flush()
 
 
-def _oversize_letter(row: pa.RecordBatch, step: str, max_bytes: int) -> DeadLetter:
+def oversize_letter(row: pa.RecordBatch, step: str, max_bytes: int) -> DeadLetter:
     values = row.to_pylist()[0]
     source = ''
     if schemas.SOURCE_COLUMN in values and schemas.ROW_COLUMN in values:
@@ -146,7 +146,7 @@ class _BatchBySizeFn(beam.DoFn):
                 yield wrap(batch)
             else:
                 yield beam.pvalue.TaggedOutput(
-                    BatchBySize.DEAD_LETTERS, wrap(_oversize_letter(batch, self._step, self._max_bytes)))
+                    BatchBySize.DEAD_LETTERS, wrap(oversize_letter(batch, self._step, self._max_bytes)))
 
     def process(self, batch: pa.RecordBatch):
         yield from self._emit(self._rebatcher.add(batch), lambda value: value)

@@ -28,10 +28,11 @@ def data(tmp_path_factory):
     return directory
 
 
-def _run(tmp_path, candidates, offers, *extra, name='out'):
+def _run(tmp_path, candidates, offers, *extra, name='out', force=True):
+    """Runs matching into ``tmp_path / name``; ``force``: recompute even if the run key succeeded."""
     output = tmp_path / name
     summary = matching.run(['--candidates', str(candidates), '--offers', str(offers), '--output', str(output),
-                            '--run_id', 'test-run', *extra])
+                            *(['--force'] if force else []), *extra])
     return output, summary
 
 
@@ -137,7 +138,7 @@ def test_bad_records_go_to_dead_letters_and_every_valid_record_is_scored(tmp_pat
     assert 'minimum_match_score' in letters[('ReadOffers', 'row=2')]['error']
     assert 'employer_siret' in letters[('ReadOffers', 'row=4')]['error']
     assert candidates[8]['candidate_id'] in letters[('DropDuplicateCandidates', 'row=8')]['error']
-    assert all(d['run_id'] == 'test-run' and d['payload'] for d in letters.values())
+    assert all(d['run_id'] == summary['run_id'] and d['payload'] for d in letters.values())
     assert summary['dead_letters'] == 5
     # The 37 valid, distinct candidates (40 less rows 3, 5 and the repeat at 8) met the 23 valid offers.
     assert summary['pairs_scored'] == 37 * 23

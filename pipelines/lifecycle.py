@@ -1,0 +1,109 @@
+"""The life of every pipeline run: ledger first, audit trail throughout, checkpoints for resumption.
+
+``execute`` wraps a pipeline's work:
+
+1. the run ledger decides: a run key that already succeeded is a no-op that says so (``--force``
+   recomputes); a key still marked ``running`` (its process died) is refused unless ``--resume``,
+   which takes it over and reuses the work it had committed;
+2. the audit trail records the start (or the skip, the override, the takeover), then the success or
+   the failure, with counts and references, never personal data;
+3. the work runs with a checkpoint directory scoped to the run key, the parameters and the inputs;
+   it is removed once the run has succeeded.
+
+Every pipeline declares ``LIFECYCLE_OPTIONS`` with its own options.
+"""
+import dataclasses
+import datetime
+import os
+import typing
+
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines import options as opts
+from transforms import audit
+from transforms import ledger
+from transforms.checkpoints import CheckpointStore
+from transforms.checkpoints import checkpoint_scope
+from transforms.errors import ConfigError
+
+LIFECYCLE_OPTIONS = (
+    opts.Option('run_key', 'Logical key of the run: operation plus business scope, e.g. matching:2026-12-03. '
+                'A key that already succeeded is not run again. Default: OPERATION:<today, UTC>.'),
+    opts.Option('force', 'Run even if the run key already succeeded (recomputes, overwrites idempotently).',
+                type='bool', default=False),
+    opts.Option('resume', 'Take over a run of the same key that died (still marked running) and reuse the '
+                'work it had committed.', type='bool', default=False),
+    opts.Option('operator', 'Who runs this, for the audit trail. Default: $HRBATCH_OPERATOR, else the OS user.'),
+    opts.Option('ledger', 'SQL database of the run ledger and the audit trail (sqlite:///PATH or '
+                'postgresql://...). Default: $HRBATCH_DATABASE, else sqlite:///OUTPUT/hrbatch.db for a local output.'),
+    opts.Option('run_id', 'Identifier of this run. Default: generated.'),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    operation: str
+    run_key: str
+    ledger_url: str
+    force: bool
+    resume: bool
+    operator: str | None
+    run_id: str
+
+    @classmethod
+    def from_values(cls, operation: str, values: dict, output: str) -> 'RunSpec':
+        url = values['ledger'] or os.environ.get('HRBATCH_DATABASE')
+        if not url:
+            if output.startswith('gs://'):
+                raise ConfigError('--ledger is required when --output is on gs:// (or set HRBATCH_DATABASE): '
+                                  'the run ledger and audit trail need a SQL database, e.g. postgresql://...')
+            url = 'sqlite:///' + os.path.join(os.path.abspath(output), 'hrbatch.db')
+        if not url.startswith(('sqlite:///', 'postgresql://')):
+            raise ConfigError(f'--ledger={url!r}: must be sqlite:///PATH or postgresql://...')
+        if values['force'] and values['resume']:
+            raise ConfigError('--force and --resume cannot be combined: --force recomputes everything, '
+                              '--resume reuses what a run that died had committed')
+        today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+        return cls(operation=operation, run_key=values['run_key'] or f'{operation}:{today}', ledger_url=url,
+                   force=values['force'], resume=values['resume'], operator=values['operator'],
+                   run_id=values['run_id'] or ledger.new_run_id(operation))
+
+
+class Outcome(typing.NamedTuple):
+    counts: dict        # figures for the ledger and the audit trail
+    outputs: dict       # where the results are
+    record_refs: dict   # references for the audit trail (paths, row counts), never personal data
+
+
+def execute(spec: RunSpec, *, parameters: dict, inputs: list[str], data_categories: list[str],
+            checkpoint_root: str, work: typing.Callable[[CheckpointStore], Outcome]) -> Outcome | None:
+    """Runs ``work`` under the ledger and the audit trail; None when the run key already succeeded."""
+    runs = ledger.RunLedger(spec.ledger_url)
+    trail = audit.AuditTrail(spec.ledger_url)
+    common = dict(operation=spec.operation, run_key=spec.run_key, data_categories=data_categories,
+                  operator=spec.operator)
+    begin = runs.begin(spec.run_key, spec.operation, parameters, ledger.fingerprint_inputs(inputs),
+                       spec.operator, force=spec.force, resume=spec.resume, run_id=spec.run_id)
+    print(begin.message)
+    if not begin.should_run:
+        trail.append(audit.RUN_SKIPPED, run_id=begin.run_id, **common)
+        return None
+    if begin.taken_over:
+        trail.append(audit.RUN_TAKEN_OVER, run_id=begin.taken_over, record_refs={'by': begin.run_id}, **common)
+    trail.append(audit.RUN_FORCED if begin.forced else audit.RUN_STARTED, run_id=begin.run_id,
+                 record_refs={'inputs': inputs}, **common)
+    store = CheckpointStore(FileSystems.join(
+        checkpoint_root, checkpoint_scope(spec.run_key, parameters, inputs)))
+    if spec.force:
+        store.clear()  # recompute everything: nothing committed before counts
+    try:
+        outcome = work(store)
+    except BaseException as error:
+        runs.fail(begin.run_id, ledger.short_error(error))
+        trail.append(audit.RUN_FAILED, run_id=begin.run_id, record_refs={'error': type(error).__name__}, **common)
+        raise
+    runs.succeed(begin.run_id, outcome.counts, outcome.outputs)
+    trail.append(audit.RUN_SUCCEEDED, run_id=begin.run_id, counts=outcome.counts,
+                 record_refs=outcome.record_refs, **common)
+    store.clear()
+    return outcome
