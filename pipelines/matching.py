@@ -153,6 +153,8 @@ class MatchingConfig:
 class Outputs(typing.NamedTuple):
     matches: beam.PCollection       # RecordBatches in the schemas.MATCHES layout
     dead_letters: beam.PCollection  # DeadLetter records from every step
+    tasks: int                      # candidate read tasks (files or Parquet row groups)
+    tasks_resumed: int              # of which committed by an earlier run of the same key, not redone
 
 
 class _ScoreTaskFn(beam.DoFn):
@@ -287,7 +289,7 @@ def build(pipeline: beam.Pipeline, config: MatchingConfig, store: CheckpointStor
         | 'FlattenDeadLetters' >> beam.Flatten())
     dead_letters | 'WriteDeadLetters' >> WriteDeadLetters(output_prefix=config.dead_letters_prefix,
                                                           run_id=config.run_id)
-    return Outputs(matches=matches, dead_letters=dead_letters)
+    return Outputs(matches=matches, dead_letters=dead_letters, tasks=len(tasks), tasks_resumed=len(tasks) - len(todo))
 
 
 def _counter(result, name: str, step: str | None = None) -> int:
@@ -297,7 +299,7 @@ def _counter(result, name: str, step: str | None = None) -> int:
     return sum(r.committed or 0 for r in result.metrics().query(query)['counters'])
 
 
-def summarize(result, config: MatchingConfig) -> dict:
+def summarize(result, config: MatchingConfig, outputs: Outputs) -> dict:
     """The figures of a finished run, from Beam metrics and the written output."""
     files = [m.path for m in FileSystems.match([FileSystems.join(config.matches_dir, '*', '*.parquet')])[0]
              .metadata_list]
@@ -318,6 +320,8 @@ def summarize(result, config: MatchingConfig) -> dict:
         'offers_with_matches': len(offers_matched),
         'best_score': round(best, 4),
         'dead_letters': _counter(result, 'dead_letters'),
+        'tasks': outputs.tasks,
+        'tasks_resumed': outputs.tasks_resumed,
         'matches_dir': config.matches_dir,
         'database': config.database,
         'dead_letters_prefix': config.dead_letters_prefix,
@@ -334,6 +338,9 @@ def print_summary(summary: dict, out=None) -> None:
           f"   ({summary['offers_with_matches']:,} offers with at least one match, best score "
           f"{summary['best_score']})", file=out)
     print(f"  dead letters         {summary['dead_letters']:>14,}", file=out)
+    if summary['tasks_resumed']:
+        print(f"  resumed: {summary['tasks_resumed']} of {summary['tasks']} read tasks were committed by the run "
+              "that died and were not redone", file=out)
     print(f"Matches (Parquet):     {summary['matches_dir']}/", file=out)
     if summary['database']:
         print(f"Matches (SQL):         {summary['database']}  table matches", file=out)
@@ -357,12 +364,12 @@ def run(argv: list[str] | None = None) -> dict:
         standard = pipeline_options.view_as(beam.options.pipeline_options.StandardOptions)
         standard.runner = resolve_runner(standard.runner)
         pipeline = beam.Pipeline(options=pipeline_options)
-        build(pipeline, config, store)
+        outputs = build(pipeline, config, store)
         result = pipeline.run()
         result.wait_until_finish()
-        summary.update(summarize(result, config))
+        summary.update(summarize(result, config, outputs))
         counts = {k: summary[k] for k in ('candidates_read', 'offers_read', 'pairs_scored', 'matches_written',
-                                          'offers_with_matches', 'dead_letters')}
+                                          'offers_with_matches', 'dead_letters', 'tasks', 'tasks_resumed')}
         outputs = {'matches': config.matches_dir, 'database': config.database,
                    'dead_letters': config.dead_letters_prefix}
         return lifecycle.Outcome(counts=counts, outputs=outputs,
