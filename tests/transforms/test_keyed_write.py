@@ -1,7 +1,10 @@
 import datetime
 import json
+import math
 import pathlib
+import random
 import sqlite3
+import struct
 import tempfile
 import uuid
 
@@ -220,6 +223,83 @@ def _rows_from(keyed: dict) -> list[dict]:
              **{f'score_{s}': 0.5 for s in schemas.SCORE_COMPONENTS}} for (o, c), v in keyed.items()]
 
 
+def test_sql_a_key_twice_in_one_transaction_keeps_its_last_row(test_pipeline, sql_target):
+    # Keys should be unique (DropDuplicateKeys upstream); if one is not, the write must not fail:
+    # ON CONFLICT cannot update a row twice in one statement, so WriteKeyed keeps the last row.
+    table = unique_table()
+    rows = match_rows(6)
+    repeated = [dict(rows[2], score=0.25), dict(rows[2], score=0.75, rank=None)]
+    batch = to_batch(rows + repeated)
+    for attempt in range(2):  # the same batch again, as a retried bundle would
+        with test_pipeline() as p:
+            _ = p | 'Batches' >> beam.Create([batch]) | 'Write' >> WriteKeyed(
+                schema=MATCHES, target=sql_target, table=table)
+        assert read_sql_table(sql_target, table) == as_tuples(rows[:2] + repeated[-1:] + rows[3:]), attempt
+
+
+# Every SQL column type, nullable, for the PostgreSQL binary COPY encoder.
+_ALL_TYPES = schemas.RecordSchema(name='all_types', key=('id',), fields=(
+    schemas.Field('id', pa.int64()),
+    schemas.Field('text', pa.string(), nullable=True),
+    schemas.Field('f64', pa.float64(), nullable=True),
+    schemas.Field('f32', pa.float32(), nullable=True),
+    schemas.Field('i32', pa.int32(), nullable=True),
+    schemas.Field('i16', pa.int16(), nullable=True),
+    schemas.Field('i8', pa.int8(), nullable=True),
+    schemas.Field('day', pa.date32(), nullable=True),
+    schemas.Field('tags', pa.list_(pa.string()), nullable=True),
+))
+_TEXT = st.text(alphabet=st.characters(blacklist_characters='\x00', blacklist_categories=('Cs',)), max_size=8)
+_ALL_TYPES_ROW = st.fixed_dictionaries({
+    'text': st.none() | _TEXT,
+    'f64': st.none() | st.floats(),
+    'f32': st.none() | st.floats(width=32),
+    'i32': st.none() | st.integers(-2**31, 2**31 - 1),
+    'i16': st.none() | st.integers(-2**15, 2**15 - 1),
+    'i8': st.none() | st.integers(-2**7, 2**7 - 1),
+    'day': st.none() | st.dates(),
+    'tags': st.none() | st.lists(st.none() | _TEXT, max_size=4),
+})
+
+
+def exact(value):
+    """``value`` with floats as their bytes, so NaN equals NaN and -0.0 differs from 0.0."""
+    if isinstance(value, float):
+        return 'nan' if math.isnan(value) else struct.pack('>d', value)
+    if isinstance(value, (list, tuple)):
+        return tuple(exact(v) for v in value)
+    return value
+
+
+def read_exact(url: str, table: str, schema: schemas.RecordSchema) -> list[tuple]:
+    """The table's rows by key, read in binary: REAL values come back as the exact float32."""
+    names = psycopg.sql.SQL(', ').join(psycopg.sql.Identifier(n) for n in schema.names)
+    order = psycopg.sql.SQL(', ').join(psycopg.sql.Identifier(k) for k in schema.key)
+    with psycopg.connect(url) as conn, conn.cursor(binary=True) as cursor:
+        cursor.execute(psycopg.sql.SQL('SELECT {} FROM {} ORDER BY {}').format(
+            names, psycopg.sql.Identifier(table), order))
+        return [exact(row) for row in cursor.fetchall()]
+
+
+@settings(max_examples=20, deadline=None)
+@given(ids=st.lists(st.integers(-2**63, 2**63 - 1), min_size=1, max_size=20, unique=True),
+       values=st.lists(_ALL_TYPES_ROW, min_size=20, max_size=20), sizes=st.lists(st.integers(1, 7), min_size=1))
+def test_postgres_binary_copy_stores_every_value_exactly(postgres_url, ids, values, sizes):
+    rows = [{'id': i, **v} for i, v in zip(ids, values)]
+    table = f'all_types_{uuid.uuid4().hex[:10]}'
+    target = keyed_write.parse_sql_target(postgres_url)
+    keyed_write.ensure_table(target, table, _ALL_TYPES)
+    writer = keyed_write.PostgresUpserter(target, table, _ALL_TYPES)
+    batch = pa.RecordBatch.from_pylist(rows, schema=_ALL_TYPES.arrow_schema())
+    try:
+        for part in split(batch, sizes):  # slices: arrays with offsets into shared buffers
+            writer.write(part)
+    finally:
+        writer.close()
+    expected = sorted((tuple(r[n] for n in _ALL_TYPES.names) for r in rows), key=lambda r: r[0])
+    assert read_exact(postgres_url, table, _ALL_TYPES) == [exact(r) for r in expected]
+
+
 @settings(max_examples=15, deadline=None)
 @given(keyed=st.dictionaries(_KEYS, _VALUES, min_size=1, max_size=25),
        sizes=st.lists(st.integers(1, 9), min_size=1, max_size=4), max_rows=st.integers(1, 8))
@@ -268,6 +348,162 @@ def test_upsert_statement_updates_every_non_key_column():
     others = [n for n in MATCHES.names if n not in MATCHES.key]
     assert all(f'"{n}" = excluded."{n}"' in statement for n in others)
     assert '"offer_id" = excluded' not in statement
+
+
+def test_staged_upsert_statement_quotes_identifiers_and_skips_unchanged_rows():
+    schema = schemas.RecordSchema(name='t', key=('Id',), fields=(
+        schemas.Field('Id', pa.string()), schemas.Field('value', pa.float64())))
+    staging = keyed_write.staging_table_name(schema, 'My_Table')
+    statement = keyed_write.staged_upsert_sql(schema, 'My_Table').as_string(None)
+    assert statement == (
+        f'INSERT INTO "My_Table" ("Id", "value") SELECT "Id", "value" FROM "pg_temp"."{staging}" '
+        'ON CONFLICT ("Id") DO UPDATE SET "value" = excluded."value" '
+        'WHERE ROW("My_Table"."value") IS DISTINCT FROM ROW("excluded"."value")')
+    copy = keyed_write.copy_to_staging_sql(schema, 'My_Table').as_string(None)
+    assert copy == f'COPY "pg_temp"."{staging}" ("Id", "value") FROM STDIN (FORMAT BINARY)'
+    # One staging table per target and column list, never named like a target (no '-' in those).
+    assert staging.startswith('hrbatch-staging-') and len(staging) <= 63
+    other_columns = schemas.RecordSchema(name='t', key=('Id',), fields=schema.fields[:1])
+    assert len({staging, keyed_write.staging_table_name(schema, 'other'),
+                keyed_write.staging_table_name(other_columns, 'My_Table')}) == 3
+
+
+def test_binary_copy_rows_layout():
+    schema = schemas.RecordSchema(name='t', key=('k',), fields=(
+        schemas.Field('k', pa.string()), schemas.Field('n', pa.int32(), nullable=True),
+        schemas.Field('day', pa.date32(), nullable=True), schemas.Field('tags', pa.list_(pa.string()))))
+    batch = pa.RecordBatch.from_pylist(
+        [{'k': 'é', 'n': 1, 'day': datetime.date(2000, 1, 2), 'tags': ['a', None]},
+         {'k': '', 'n': None, 'day': None, 'tags': []}], schema=schema.arrow_schema())
+    # Per row: field count; per field: byte length (-1 for NULL), then big-endian bytes.
+
+    def text_array(length, has_null, count):  # length, 1 dimension, has nulls, text's OID, size, lower bound
+        return struct.pack('>iiiiii', length, 1, has_null, 25, count, 1)
+
+    assert keyed_write.binary_copy_rows(batch, schema).to_pybytes() == (
+        b'\x00\x04' + b'\x00\x00\x00\x02\xc3\xa9' + b'\x00\x00\x00\x04\x00\x00\x00\x01'
+        + b'\x00\x00\x00\x04\x00\x00\x00\x01'  # 2000-01-02 is day 1 of PostgreSQL's calendar
+        + text_array(20 + 5 + 4, 1, 2) + b'\x00\x00\x00\x01a' + b'\xff\xff\xff\xff'
+        + b'\x00\x04' + b'\x00\x00\x00\x00' + b'\xff\xff\xff\xff' + b'\xff\xff\xff\xff'
+        + text_array(20, 0, 0))
+    assert keyed_write.binary_copy_rows(batch.slice(0, 0), schema).size == 0
+
+
+@settings(max_examples=50, deadline=None)
+@given(keys=st.lists(st.sampled_from(['a', 'b', 'c', 'd']), max_size=30))
+def test_last_row_per_key_keeps_the_last_row_of_each_key_sorted(keys):
+    batch = pa.RecordBatch.from_pydict({'k': pa.array(keys, pa.string()), 'row': pa.array(range(len(keys)))})
+    kept = keyed_write.last_row_per_key(batch, ('k',)).to_pylist()
+    last = {k: i for i, k in enumerate(keys)}
+    assert kept == [{'k': k, 'row': last[k]} for k in sorted(last)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Retries (pure)
+
+
+def test_retry_delays_grow_exponentially_with_full_jitter_up_to_the_cap():
+    policy = keyed_write.RetryPolicy()
+    assert (policy.retries, policy.base_s, policy.factor, policy.cap_s) == (3, 0.5, 2.0, 10.0)
+    assert [policy.ceiling(n) for n in range(7)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    rng = random.Random(42)
+    delays = [policy.delay(n, rng) for n in range(7)]
+    reference = random.Random(42)
+    assert delays == [reference.uniform(0, c) for c in (0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0)]
+    many = [policy.delay(2, rng) for _ in range(2000)]
+    assert 0 <= min(many) < 0.1 and 1.9 < max(many) <= 2.0  # full jitter: all of [0, ceiling]
+
+
+class _Flaky:
+    """Raises the given errors in turn, then returns 'done'."""
+
+    def __init__(self, *errors):
+        self.errors, self.calls = list(errors), 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return 'done'
+
+
+def test_call_with_retries_retries_transient_errors_only():
+    policy = keyed_write.RetryPolicy(retries=3, base_s=0.5)
+    slept, before = [], []
+
+    def call(action):
+        return keyed_write.call_with_retries(
+            action, policy=policy, is_transient=keyed_write.is_transient, before_retry=before.append,
+            sleep=slept.append, rng=random.Random(7))
+
+    dropped, deadlock = psycopg.errors.AdminShutdown(), psycopg.errors.DeadlockDetected()
+    flaky = _Flaky(dropped, deadlock)
+    assert call(flaky) == 'done' and flaky.calls == 3
+    assert before == [dropped, deadlock]
+    reference = random.Random(7)
+    assert slept == [reference.uniform(0, 0.5), reference.uniform(0, 1.0)]
+
+    slept.clear()
+    permanent = _Flaky(psycopg.errors.UndefinedTable())
+    with pytest.raises(psycopg.errors.UndefinedTable):
+        call(permanent)
+    assert permanent.calls == 1 and slept == []
+
+    always = _Flaky(*[psycopg.OperationalError('server closed the connection unexpectedly')] * 10)
+    with pytest.raises(psycopg.OperationalError):
+        call(always)
+    assert always.calls == 4 and len(slept) == 3  # retries=3: four attempts
+
+
+class _PGconn:
+    """What a failed connection attempt tells about authentication (libpq's flags)."""
+
+    def __init__(self, *, used_password=False, needs_password=False):
+        self.used_password, self.needs_password = used_password, needs_password
+
+
+@pytest.mark.parametrize('error, connecting, transient', [
+    (psycopg.errors.SerializationFailure(), False, True),
+    (psycopg.errors.DeadlockDetected(), False, True),
+    (psycopg.errors.AdminShutdown(), False, True),
+    (psycopg.errors.CrashShutdown(), False, True),
+    (psycopg.errors.CannotConnectNow(), True, True),
+    (psycopg.errors.ConnectionFailure(), False, True),
+    (psycopg.errors.TooManyConnections(), True, True),
+    (psycopg.errors.LockNotAvailable(), False, True),
+    (psycopg.OperationalError('server closed the connection unexpectedly'), False, True),
+    (psycopg.OperationalError('Connection refused', pgconn=_PGconn()), True, True),
+    (psycopg.OperationalError('password authentication failed', pgconn=_PGconn(used_password=True)), True, False),
+    (psycopg.OperationalError('no password supplied', pgconn=_PGconn(needs_password=True)), True, False),
+    (psycopg.errors.InvalidPassword(), True, False),
+    (psycopg.errors.InvalidAuthorizationSpecification(), True, False),
+    (psycopg.errors.InvalidCatalogName(), True, False),
+    (psycopg.errors.UndefinedTable(), False, False),
+    (psycopg.errors.UndefinedColumn(), False, False),
+    (psycopg.errors.UniqueViolation(), False, False),
+    (psycopg.errors.CheckViolation(), False, False),
+    (psycopg.errors.InvalidTextRepresentation(), False, False),
+    (psycopg.errors.QueryCanceled(), False, False),
+    (psycopg.errors.ProtocolViolation(), False, False),
+    (psycopg.InterfaceError('the connection is closed'), False, False),
+    (ValueError('a bug'), False, False),
+])
+def test_which_errors_are_transient(error, connecting, transient):
+    assert keyed_write.is_transient(error, connecting=connecting) is transient
+
+
+def test_error_description_withholds_messages_that_may_quote_rows():
+    class _Diag:
+        def __init__(self, **fields):
+            self.__dict__.update({'column_name': None, 'constraint_name': None, 'datatype_name': None,
+                                  'message_primary': None, **fields})
+
+    class _Error(psycopg.errors.InvalidTextRepresentation):
+        diag = _Diag(message_primary='invalid input syntax for type real: "Jean Dupont"', column_name='score')
+
+    described = keyed_write.describe_sql_error(_Error())
+    assert 'Dupont' not in described and "column 'score'" in described
+    assert described.startswith('_Error (SQLSTATE 22P02)')
 
 
 def test_redact_url_masks_passwords():
@@ -462,6 +698,14 @@ def test_read_parquet_dataset_of_nothing_fails(tmp_path):
     (dict(target='out', max_batch_rows=0), 'max_batch_rows'),
     (dict(target='out', max_batch_rows=True), 'max_batch_rows'),
     (dict(target='out', schema='matches'), 'RecordSchema'),
+    (dict(target='sqlite:///x.db', retries=-1), 'retries=-1'),
+    (dict(target='sqlite:///x.db', retries=21), 'from 0'),
+    (dict(target='sqlite:///x.db', retries=True), 'retries=True'),
+    (dict(target='sqlite:///x.db', retries=1.5), 'retries=1.5'),
+    (dict(target='sqlite:///x.db', retry_delay_s=0), 'retry_delay_s=0'),
+    (dict(target='sqlite:///x.db', retry_delay_s=11), 'at most 10'),
+    (dict(target='sqlite:///x.db', retry_delay_s=float('nan')), 'retry_delay_s=nan'),
+    (dict(target='sqlite:///x.db', retry_delay_s='1'), 'retry_delay_s'),
 ])
 def test_bad_parameters_are_value_errors(config, words):
     config = {'schema': MATCHES, **config}
