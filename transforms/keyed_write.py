@@ -660,6 +660,11 @@ def copy_to_staging_sql(schema: RecordSchema, table: str) -> sql.Composed:
         staging=sql.Identifier('pg_temp', staging_table_name(schema, table)), columns=_identifiers(schema.names))
 
 
+def copy_to_table_sql(schema: RecordSchema, table: str) -> sql.Composed:
+    return sql.SQL('COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)').format(
+        table=sql.Identifier(table), columns=_identifiers(schema.names))
+
+
 def staged_upsert_sql(schema: RecordSchema, table: str) -> sql.Composed:
     """One ``INSERT ... SELECT`` of the staging rows, ``ON CONFLICT (key)`` updating the other columns.
 
@@ -824,7 +829,8 @@ class PostgresUpserter:
 
     ``write`` runs one transaction: binary ``COPY`` of the rows into a temporary staging table (the
     session's own, emptied at commit), then one ``INSERT ... SELECT ... ON CONFLICT (key) DO
-    UPDATE``. A transient error (``is_transient``) closes the session and, after a backoff sleep,
+    UPDATE``. Until a key is found already stored, it first tries a plain ``COPY`` into the table
+    in a savepoint (a first load is then as fast as a bulk load). A transient error (``is_transient``) closes the session and, after a backoff sleep,
     replays the whole transaction on a new one: upserts are idempotent, so a transaction that did
     commit before the connection dropped does no harm when replayed. Any other database error, or a
     transient one after ``policy.retries`` retries, raises ``SqlWriteError`` naming the table and the
@@ -845,6 +851,8 @@ class PostgresUpserter:
         self._staging = staging_table_sql(schema, table)
         self._copy = copy_to_staging_sql(schema, table)
         self._upsert = staged_upsert_sql(schema, table)
+        self._copy_direct = copy_to_table_sql(schema, table)
+        self._insert_first = True
         self._conn = None
 
     def open(self) -> None:
@@ -873,13 +881,27 @@ class PostgresUpserter:
     def _transaction(self, chunks: list[pa.Buffer]) -> None:
         conn = self._session()
         with conn.transaction(), conn.cursor() as cursor:
+            if self._insert_first:
+                # New keys (a first load) go straight in with COPY, about twice as fast as the
+                # upsert. A key already stored aborts only this savepoint: the batch is then
+                # upserted, and so is every later batch of this writer (the table holds its keys).
+                try:
+                    with conn.transaction():
+                        self._copy_rows(cursor, self._copy_direct, chunks)
+                    return
+                except psycopg.errors.UniqueViolation:
+                    self._insert_first = False
             cursor.execute(self._staging)
-            with cursor.copy(self._copy) as copy:
-                copy.write(PGCOPY_HEADER)
-                for chunk in chunks:
-                    copy.write(chunk)
-                copy.write(PGCOPY_TRAILER)
+            self._copy_rows(cursor, self._copy, chunks)
             cursor.execute(self._upsert)
+
+    @staticmethod
+    def _copy_rows(cursor, statement, chunks: list[pa.Buffer]) -> None:
+        with cursor.copy(statement) as copy:
+            copy.write(PGCOPY_HEADER)
+            for chunk in chunks:
+                copy.write(chunk)
+            copy.write(PGCOPY_TRAILER)
 
     def _is_transient(self, error: BaseException) -> bool:
         # The session is set as soon as it is established: an error with none was raised connecting.

@@ -719,3 +719,26 @@ def test_unsupported_sql_column_type_is_a_value_error():
         schemas.Field('id', pa.string()), schemas.Field('when', pa.timestamp('s'))))
     with pytest.raises(ValueError, match="field 'when' has type timestamp"):
         WriteKeyed(schema=schema, target='sqlite:///x.db')
+
+
+@settings(max_examples=15, deadline=None)
+@given(first=st.lists(_ALL_TYPES_ROW, min_size=1, max_size=12), second=st.lists(_ALL_TYPES_ROW, min_size=1, max_size=12),
+       overlap=st.integers(0, 12))
+def test_postgres_copy_first_then_upsert_when_keys_exist(postgres_url, first, second, overlap):
+    """A writer loads new keys with a plain COPY; once a batch meets a stored key it upserts."""
+    table = f'copy_then_upsert_{uuid.uuid4().hex[:10]}'
+    target = keyed_write.parse_sql_target(postgres_url)
+    keyed_write.ensure_table(target, table, _ALL_TYPES)
+    first_rows = [{'id': i, **v} for i, v in enumerate(first)]
+    # The second batch reuses ``overlap`` keys of the first (new values) and adds new ones.
+    start = len(first) - min(overlap, len(first))
+    second_rows = [{'id': start + i, **v} for i, v in enumerate(second)]
+    writer = keyed_write.PostgresUpserter(target, table, _ALL_TYPES)
+    try:
+        for rows in (first_rows, second_rows):
+            writer.write(pa.RecordBatch.from_pylist(rows, schema=_ALL_TYPES.arrow_schema()))
+    finally:
+        writer.close()
+    expected = {r['id']: r for r in first_rows} | {r['id']: r for r in second_rows}
+    assert read_exact(postgres_url, table, _ALL_TYPES) == [
+        exact(tuple(expected[k][n] for n in _ALL_TYPES.names)) for k in sorted(expected)]
