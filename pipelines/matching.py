@@ -65,6 +65,7 @@ from transforms.score_matches import offer_index
 NAME = 'matching'
 _LOGGER = logging.getLogger(__name__)
 _DEAD_LETTERS = 'dead_letters'
+_MERGE_ROWS = 1_000_000
 _CANDIDATE_KEYS = schemas.CANDIDATES.project(schemas.CANDIDATES.key, name='candidate_keys')
 # Ids are a few bytes each: big batches keep the pieces that cross the duplicate search's shuffle few.
 _KEY_BATCH_ROWS = 65_536
@@ -225,7 +226,7 @@ class _LoadCommittedFn(beam.DoFn):
     def process(self, _, committed_now):
         store = CheckpointStore(self._store_root)
         top_k = self._config.scoring.top_k
-        merged = []
+        parts, merged_rows = [], 0
         for unit in self._units:
             result = store.load(unit)
             for name, value in result.counts.items():
@@ -234,11 +235,17 @@ class _LoadCommittedFn(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(_DEAD_LETTERS, letter)
             for block in result.rows.to_batches():
                 if top_k:
-                    merged = [scoring.merge_top_k(merged + [block], top_k)]
+                    parts.append(block)
+                    # Merge once the buffer has doubled since the last merge: few sorts, bounded memory.
+                    if sum(p.num_rows for p in parts) > max(2 * merged_rows, _MERGE_ROWS):
+                        parts = [scoring.merge_top_k(parts, top_k)]
+                        merged_rows = parts[0].num_rows
                 elif block.num_rows:
                     yield scoring.to_match_rows(block, self._config.scoring, ranked=False)
-        if top_k and merged and merged[0].num_rows:
-            yield scoring.to_match_rows(merged[0], self._config.scoring, ranked=True)
+        if top_k and parts:
+            merged = scoring.merge_top_k(parts, top_k)
+            if merged.num_rows:
+                yield scoring.to_match_rows(merged, self._config.scoring, ranked=True)
 
 
 def build(pipeline: beam.Pipeline, config: MatchingConfig, store: CheckpointStore) -> Outputs:
