@@ -65,7 +65,7 @@ from transforms.score_matches import offer_index
 NAME = 'matching'
 _LOGGER = logging.getLogger(__name__)
 _DEAD_LETTERS = 'dead_letters'
-_MERGE_ROWS = 1_000_000
+_MERGE_ROWS = 200_000
 _CANDIDATE_KEYS = schemas.CANDIDATES.project(schemas.CANDIDATES.key, name='candidate_keys')
 # Ids are a few bytes each: big batches keep the pieces that cross the duplicate search's shuffle few.
 _KEY_BATCH_ROWS = 65_536
