@@ -1,7 +1,7 @@
 """WriteKeyed against a PostgreSQL server that fails: restarts, cut sessions, rotated passwords,
 tables changed under a running pipeline.
 
-These tests start their own server (``start_server``), not the session's ``postgres_url``: they
+These tests start their own server (``running_server``), not the session's ``postgres_url``: they
 restart it, terminate its sessions and change its role's password, which must not reach other tests.
 """
 import random
@@ -20,8 +20,7 @@ from apache_beam.testing.util import equal_to
 from psycopg import sql
 
 from tests.fixtures.postgres import USER
-from tests.fixtures.postgres import ServerBinariesMissing
-from tests.fixtures.postgres import start_server
+from tests.fixtures.postgres import running_server
 from tests.transforms.test_keyed_write import counter
 from tests.transforms.test_keyed_write import exact
 from tests.transforms.test_keyed_write import match_rows
@@ -37,14 +36,9 @@ MATCHES = schemas.MATCHES
 
 @pytest.fixture(scope='module')
 def server():
-    try:
-        started = start_server()
-    except ServerBinariesMissing as missing:
-        pytest.fail(str(missing), pytrace=False)
-    try:
+    """A server of this module's own: its tests restart it."""
+    with running_server() as started:
         yield started
-    finally:
-        started.stop()
 
 
 def unique_table() -> str:
