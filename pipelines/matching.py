@@ -388,6 +388,7 @@ def run(argv: list[str] | None = None) -> dict:
     if outcome is None:
         return {'skipped': True, 'run_key': spec.run_key}
     print_summary(summary)
+    print(f'Run ledger and audit:  {spec.ledger_url}  (hrbatch runs show {spec.run_id} --database URL)')
     return summary
 
 
