@@ -12,6 +12,11 @@ Parquet files named by their partition, published only once complete, so running
 on the same input leaves exactly the same rows and files. Invalid or duplicate input records go to
 the dead-letter files with the reason; every valid record is scored.
 
+Runs are recorded in the run ledger and the audit trail (``pipelines.lifecycle``): a run key that
+already succeeded is not run again, and a run that died resumes with ``--resume``: each candidate read
+task commits its result under ``OUTPUT/.checkpoints/`` and is not redone, and the resumed run ends with
+exactly the result of a clean run.
+
 Locally (DirectRunner's engine)::
 
     hrbatch run matching --candidates data/candidates.parquet --offers data/offers.parquet \\
@@ -20,7 +25,8 @@ Locally (DirectRunner's engine)::
 On Dataflow::
 
     hrbatch run matching --candidates gs://BUCKET/candidates/*.parquet --offers gs://BUCKET/offers.parquet \\
-        --output gs://BUCKET/matching/2026-12-03 --database none --runner DataflowRunner \\
+        --output gs://BUCKET/matching/2026-12-03 --database none --ledger postgresql://... \\
+        --runner DataflowRunner \\
         --project PROJECT --region europe-west1 --temp_location gs://BUCKET/tmp
 """
 import dataclasses
@@ -45,7 +51,6 @@ from transforms import scoring
 from transforms.batching import Rebatcher
 from transforms.batching import oversize_letter
 from transforms.checkpoints import CheckpointStore
-from transforms.checkpoints import checkpoint_scope
 from transforms.checkpoints import unit_id
 from transforms.dead_letters import METRICS_NAMESPACE
 from transforms.dead_letters import DeadLetter

@@ -3,7 +3,6 @@
 Every test pipeline runs on the runner that really executes local batch pipelines
 (``pipelines.runner.LOCAL_RUNNER``), never on Beam's DirectRunner, which first tries to download Prism.
 """
-import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
