@@ -22,7 +22,8 @@ Guarantees:
 
 Files follow exactly ``transforms.schemas.CANDIDATES`` and ``OFFERS`` (no ``_source``/``_row``
 metadata columns) as ``<output>/candidates.<ext>`` and ``<output>/offers.<ext>``, ext one of
-parquet, avro, csv, jsonl. Output is local only (it runs on one machine, not on a Beam runner).
+parquet, avro, csv, jsonl, in a local directory or under a ``gs://`` prefix (it runs on one machine,
+not on a Beam runner).
 
 Example::
 
@@ -46,6 +47,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 from faker.providers.geo import Provider as GeoProvider
 from faker.providers.person.fr_FR import Provider as FrenchPersonProvider
 from stdnum import luhn
@@ -571,10 +574,9 @@ def _check_formats(formats) -> tuple[str, ...]:
 
 def _check_output_dir(value) -> None:
     if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise ConfigError(f'output_dir={value!r} is not allowed: give a local directory path.')
-    if '://' in str(value):
-        raise ConfigError(f'output_dir={str(value)!r} is not allowed: only local directories are supported; '
-                          f'write locally, then copy (e.g. gcloud storage cp -r).')
+        raise ConfigError(f'output_dir={value!r} is not allowed: give a local directory or a gs:// path.')
+    if '://' in str(value) and not str(value).startswith('gs://'):
+        raise ConfigError(f'output_dir={str(value)!r} is not allowed: give a local directory or a gs:// path.')
     if os.path.exists(value) and not os.path.isdir(value):
         raise ConfigError(f'output_dir={str(value)!r} is not allowed: it exists and is not a directory.')
 
@@ -637,8 +639,8 @@ def _csv_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
 
 
 class _ParquetSink:
-    def __init__(self, path: str, schema: schemas.RecordSchema, seed: int, chunk_rows: int):
-        self._writer = pq.ParquetWriter(path, schema.arrow_schema())
+    def __init__(self, handle, schema: schemas.RecordSchema, seed: int, chunk_rows: int):
+        self._writer = pq.ParquetWriter(handle, schema.arrow_schema())
         self._chunk_rows = chunk_rows
 
     def write(self, batch: pa.RecordBatch) -> None:
@@ -649,30 +651,31 @@ class _ParquetSink:
 
 
 class _AvroSink:
-    """Appends one Avro block run per chunk (fastavro's append mode), rows streamed from a generator.
+    """One Avro block per chunk, rows streamed from a generator; the stream is written, never re-read.
 
     The sync marker comes from the seed: fastavro's default is random, which would make two runs differ.
     """
 
-    def __init__(self, path: str, schema: schemas.RecordSchema, seed: int, chunk_rows: int):
-        self._schema = fastavro.parse_schema(avro_schema(schema))
-        self._file = open(path, 'w+b')
+    def __init__(self, handle, schema: schemas.RecordSchema, seed: int, chunk_rows: int):
         marker = hashlib.sha256(f'hrbatch-generate/{schema.name}/{seed}'.encode()).digest()[:16]
-        fastavro.writer(self._file, self._schema, [], codec='deflate', sync_marker=marker)
+        # A sync interval larger than any chunk: blocks end where the chunks do, as flush() says.
+        self._writer = fastavro.write.Writer(handle, fastavro.parse_schema(avro_schema(schema)), codec='deflate',
+                                             sync_interval=2**62, sync_marker=marker)
 
     def write(self, batch: pa.RecordBatch) -> None:
-        self._file.seek(0, os.SEEK_END)
-        fastavro.writer(self._file, self._schema, _rows(batch), codec='deflate')
+        for row in _rows(batch):
+            self._writer.write(row)
+        self._writer.flush()
 
     def close(self) -> None:
-        self._file.close()
+        self._writer.flush()
 
 
 class _CsvSink:
-    def __init__(self, path: str, schema: schemas.RecordSchema, seed: int, chunk_rows: int):
+    def __init__(self, handle, schema: schemas.RecordSchema, seed: int, chunk_rows: int):
         text_schema = pa.schema([pa.field(f.name, _csv_column(pa.array([], f.type)).type)
                                  for f in schema.arrow_schema()])
-        self._writer = pacsv.CSVWriter(path, text_schema, write_options=pacsv.WriteOptions(delimiter=','))
+        self._writer = pacsv.CSVWriter(handle, text_schema, write_options=pacsv.WriteOptions(delimiter=','))
 
     def write(self, batch: pa.RecordBatch) -> None:
         self._writer.write_batch(_csv_batch(batch))
@@ -682,47 +685,56 @@ class _CsvSink:
 
 
 class _JsonlSink:
-    def __init__(self, path: str, schema: schemas.RecordSchema, seed: int, chunk_rows: int):
-        self._file = open(path, 'w', encoding='utf-8', newline='\n')
+    def __init__(self, handle, schema: schemas.RecordSchema, seed: int, chunk_rows: int):
+        self._handle = handle
 
     def write(self, batch: pa.RecordBatch) -> None:
-        self._file.writelines(schemas.row_to_json(row) + '\n' for row in _rows(batch))
+        for offset in range(0, batch.num_rows, _AVRO_CHUNK_ROWS):
+            rows = batch.slice(offset, _AVRO_CHUNK_ROWS).to_pylist()
+            self._handle.write(''.join(schemas.row_to_json(row) + '\n' for row in rows).encode('utf-8'))
 
     def close(self) -> None:
-        self._file.close()
+        pass
 
 
 _SINKS: dict[str, Callable] = {'parquet': _ParquetSink, 'avro': _AvroSink, 'csv': _CsvSink, 'jsonl': _JsonlSink}
 
 
 def output_path(output_dir: str, dataset: str, file_format: str) -> str:
-    return os.path.join(output_dir, f'{dataset}.{file_format}')
+    return FileSystems.join(output_dir, f'{dataset}.{file_format}')
 
 
 def _write_dataset(batches: Iterator[pa.RecordBatch], paths: dict[str, str], schema: schemas.RecordSchema,
                    seed: int, chunk_rows: int) -> None:
-    """Write every batch to every format in one pass, then publish the files by renaming them."""
-    sinks = []
+    """Write every batch to every format in one pass, then publish the files by renaming them.
+
+    Files are written through Beam's FileSystems, so a local directory and ``gs://`` behave alike.
+    """
+    handles, sinks = [], []
     try:
         for file_format, path in paths.items():
-            sinks.append(_SINKS[file_format](path + _PARTIAL_SUFFIX, schema, seed, chunk_rows))
+            handles.append(FileSystems.create(path + _PARTIAL_SUFFIX, compression_type=CompressionTypes.UNCOMPRESSED))
+            sinks.append(_SINKS[file_format](handles[-1], schema, seed, chunk_rows))
         for batch in batches:
             for sink in sinks:
                 sink.write(batch)
         while sinks:
             sinks.pop().close()
+            handles.pop().close()
     except BaseException:
-        for sink in sinks:
+        for closer in [s.close for s in sinks] + [h.close for h in handles]:
             try:
-                sink.close()
+                closer()
             except Exception:  # already failing: the original error is the one to report
                 pass
-        for path in paths.values():
-            if os.path.exists(path + _PARTIAL_SUFFIX):
-                os.remove(path + _PARTIAL_SUFFIX)
+        partials = [p + _PARTIAL_SUFFIX for p in paths.values() if FileSystems.exists(p + _PARTIAL_SUFFIX)]
+        if partials:
+            FileSystems.delete(partials)
         raise
     for path in paths.values():
-        os.replace(path + _PARTIAL_SUFFIX, path)
+        if FileSystems.exists(path):  # object stores do not replace on rename
+            FileSystems.delete([path])
+        FileSystems.rename([path + _PARTIAL_SUFFIX], [path])
 
 
 def generate(output_dir: str, *, candidates: int, offers: int, seed: int = DEFAULT_SEED,
@@ -737,7 +749,6 @@ def generate(output_dir: str, *, candidates: int, offers: int, seed: int = DEFAU
     candidate_batches = candidate_chunks(candidates, seed=seed, reference_date=reference_date,
                                          chunk_rows=chunk_rows)
     offer_batches = offer_chunks(offers, seed=seed, chunk_rows=chunk_rows)
-    os.makedirs(output_dir, exist_ok=True)
     written = {}
     for dataset, schema, batches in (('candidates', schemas.CANDIDATES, candidate_batches),
                                      ('offers', schemas.OFFERS, offer_batches)):
@@ -760,7 +771,7 @@ def _iso_date(text: str) -> datetime.date:
 
 def build_parser(prog: str = 'hrbatch generate') -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split('\n\n')[0])
-    parser.add_argument('--output', required=True, help='Local directory to write the files into.')
+    parser.add_argument('--output', required=True, help='Local directory or gs:// prefix to write the files into.')
     parser.add_argument('--candidates', type=int, required=True, help='Number of candidates.')
     parser.add_argument('--offers', type=int, required=True, help='Number of job offers.')
     parser.add_argument('--seed', type=int, default=DEFAULT_SEED, help='Random seed (default %(default)s).')
@@ -794,7 +805,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = {'candidates': args.candidates, 'offers': args.offers}
     for dataset, paths in written.items():
         for path in paths.values():
-            print(f'{path}\t{rows[dataset]} rows\t{os.path.getsize(path)} bytes')
+            size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+            print(f'{path}\t{rows[dataset]} rows\t{size} bytes')
     return 0
 
 

@@ -309,7 +309,7 @@ def test_candidate_chunks_is_lazy_and_bounded():
     (dict(formats=()), 'formats=[]'),
     (dict(chunk_rows=0), 'chunk_rows=0'),
     (dict(reference_date='2026-12-01'), "reference_date='2026-12-01'"),
-    (dict(output_dir='gs://bucket/dir'), 'gs://bucket/dir'),
+    (dict(output_dir='s3://bucket/dir'), 's3://bucket/dir'),
 ])
 def test_bad_arguments_raise_config_error_naming_them(tmp_path, overrides, named):
     arguments = dict(output_dir=str(tmp_path / 'out'), candidates=5, offers=5) | overrides
@@ -345,3 +345,19 @@ def test_cli_reports_bad_values(tmp_path, capsys):
     assert 'candidates=-5' in capsys.readouterr().err
     with pytest.raises(SystemExit):
         generate.main(['--output', str(tmp_path), '--candidates', '5', '--offers', '1', '--format', 'xml'])
+
+
+# --- gs:// ----------------------------------------------------------------------------------------
+
+def test_writes_every_format_to_gcs_byte_identical_to_a_local_directory(tmp_path, gcs_emulator, capsys):
+    bucket = gcs_emulator.create_bucket('hrbatch-generate')
+    arguments = ['--candidates', '40', '--offers', '6', '--seed', '3', '--chunk-rows', '16', '--format', 'all']
+    assert generate.main(['--output', str(tmp_path), *arguments]) == 0
+    assert generate.main(['--output', f'gs://{bucket}/sample', *arguments]) == 0
+    printed = capsys.readouterr().out
+    objects = {blob.name: blob.download_as_bytes() for blob in gcs_emulator.client.list_blobs(bucket)}
+    assert sorted(objects) == sorted(f'sample/{d}.{f}' for d in generate.DATASETS for f in generate.FORMATS)
+    for name, content in objects.items():
+        local = (tmp_path / name.split('/', 1)[1]).read_bytes()
+        assert content == local, name
+        assert f'gs://{bucket}/{name}\t' in printed and f'\t{len(local)} bytes' in printed

@@ -210,14 +210,36 @@ def test_matches_upserted_into_postgresql_equal_the_parquet_output_and_survive_a
     assert first == second == parquet and parquet
 
 
-def test_inputs_on_gcs_give_the_same_matches_as_local_files(tmp_path, data, gcs_emulator):
+def test_inputs_and_outputs_on_gcs_give_the_same_results_as_local_files(tmp_path, data, gcs_emulator):
     bucket = gcs_emulator.create_bucket('hrbatch-matching')
     candidates = gcs_emulator.upload_file(data / 'candidates.parquet', f'gs://{bucket}/in/candidates.parquet')
     offers = gcs_emulator.upload_file(data / 'offers.csv', f'gs://{bucket}/in/offers.csv')
-    remote, _ = _run(tmp_path, candidates, offers, '--top_k', '3', '--database', 'none', name='remote')
-    local, _ = _run(tmp_path, data / 'candidates.parquet', data / 'offers.csv', '--top_k', '3', '--database', 'none',
-                    name='local')
-    assert _rows(read_parquet_dataset(str(remote / 'matches'))) == _rows(read_parquet_dataset(str(local / 'matches')))
+    # A second offers file repeating the first offer: the copy goes to the dead letters.
+    repeated = b''.join((data / 'offers.csv').read_bytes().splitlines(keepends=True)[:2])
+    gcs_emulator.upload_bytes(repeated, f'gs://{bucket}/in/repeated-offers.csv')
+    output = f'gs://{bucket}/out'
+    ledger = f'sqlite:///{tmp_path}/ledger.db'
+    with pytest.raises(ConfigError, match='--ledger is required when --output is on gs://'):
+        matching.run(['--candidates', candidates, '--offers', offers, '--output', output])
+    remote = matching.run(['--candidates', candidates, '--offers', f'gs://{bucket}/in/*offers*', '--output', output,
+                           '--top_k', '3', '--database', 'none', '--ledger', ledger])
+    local_offers = tmp_path / 'offers'
+    local_offers.mkdir()
+    os.symlink(data / 'offers.csv', local_offers / 'offers.csv')
+    (local_offers / 'repeated-offers.csv').write_bytes(repeated)
+    local, _ = _run(tmp_path, data / 'candidates.parquet', local_offers / '*offers*', '--top_k', '3',
+                    '--database', 'none')
+    assert _rows(read_parquet_dataset(f'{output}/matches')) == _rows(read_parquet_dataset(str(local / 'matches')))
+    letters = [json.loads(line) for blob in gcs_emulator.client.list_blobs(bucket, prefix='out/dead_letters/')
+               for line in blob.download_as_text().splitlines()]
+    assert [(d['step'], d['source'].replace(f'gs://{bucket}/in/', '')) for d in letters] == [
+        (d['step'], os.path.basename(d['source'])) for d in _dead_letters(local)]
+    assert remote['matches_written'] > 0 and remote['dead_letters'] == len(letters) == 1
+    # The run is in the ledger, and its checkpoints on GCS were removed when it succeeded.
+    assert not list(gcs_emulator.client.list_blobs(bucket, prefix='out/.checkpoints/'))
+    again = matching.run(['--candidates', candidates, '--offers', f'gs://{bucket}/in/*offers*', '--output', output,
+                          '--top_k', '3', '--database', 'none', '--ledger', ledger])
+    assert again == {"skipped": True, "run_key": again["run_key"]}
 
 
 def test_the_first_occurrence_of_an_id_is_kept_even_when_it_is_itself_rejected(tmp_path, data):

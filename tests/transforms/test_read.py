@@ -390,11 +390,13 @@ def test_infer_file_format(path, expected):
 
 # --- GCS emulator -----------------------------------------------------------------------------
 
-def test_reads_parquet_and_csv_from_gcs_like_local_files(tmp_path, test_pipeline, gcs_emulator):
+def test_reads_every_format_from_gcs_like_local_files(tmp_path, test_pipeline, gcs_emulator):
     records = candidate_records()
     local = {
         'parquet': sr.write_parquet(tmp_path / 'c.parquet', records, schemas.CANDIDATES, row_group_size=4),
         'csv': sr.write_csv(tmp_path / 'c.csv', records, schemas.CANDIDATES),
+        'jsonl': sr.write_jsonl(tmp_path / 'c.jsonl', records),
+        'avro': sr.write_avro(tmp_path / 'c.avro', records, schemas.CANDIDATES),
     }
     bucket = gcs_emulator.create_bucket('hrbatch-read')
     remote = {name: gcs_emulator.upload_file(path, f'gs://{bucket}/in/candidates.{name}')
