@@ -26,8 +26,8 @@ import time
 
 import pyarrow.parquet as pq
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from memory import run_measured  # noqa: E402
@@ -41,7 +41,7 @@ CHUNK = 50  # candidates per task, as in the task-queue jobs this replaces
 ROW_GROUP_ROWS = 32_768
 
 
-def _data(cache: str, candidates: int, offers: int, seed: int) -> tuple[str, str]:
+def data(cache: str, candidates: int, offers: int, seed: int) -> tuple[str, str]:
     """Generated Parquet inputs, cached by size so repeated runs skip generation."""
     directory = os.path.join(cache, f'c{candidates}-o{offers}-s{seed}-g{ROW_GROUP_ROWS}')
     paths = (os.path.join(directory, 'candidates.parquet'), os.path.join(directory, 'offers.parquet'))
@@ -96,11 +96,11 @@ def kernel(candidates_path: str, offers_path: str, top_k: int | None, batch_rows
 
 
 def pipeline(candidates_path: str, offers_path: str, output: str, *, top_k: int | None, database: str,
-             workers: int, log: str) -> dict:
+             workers: int, log: str, running_mode: str = 'multi_processing') -> dict:
     """(c): the pipeline in a subprocess, so its whole process tree's memory can be measured."""
     cmd = [sys.executable, '-m', 'pipelines.matching', '--candidates', candidates_path, '--offers', offers_path,
            '--output', output, '--database', database, '--run_id', 'benchmark',
-           '--direct_num_workers', str(workers), '--direct_running_mode', 'multi_processing']
+           '--direct_num_workers', str(workers), '--direct_running_mode', running_mode]
     if top_k:
         cmd += ['--top_k', str(top_k)]
     with open(log, 'w') as handle:
@@ -124,10 +124,10 @@ def main(argv=None) -> int:
     parser.add_argument('--memory_sizes', default='100000,1000000', help='Two candidate counts, comma-separated.')
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--seed', type=int, default=7)
-    parser.add_argument('--cache', default=os.path.join(_ROOT, 'benchmarks', '.data'))
+    parser.add_argument('--cache', default=os.path.join(ROOT, 'benchmarks', '.data'))
     args = parser.parse_args(argv)
 
-    candidates_path, offers_path = _data(args.cache, args.candidates, args.offers, args.seed)
+    candidates_path, offers_path = data(args.cache, args.candidates, args.offers, args.seed)
     work = tempfile.mkdtemp(prefix='hrbatch-bench-')
     try:
         print(f'Data: {args.candidates:,} candidates x {args.offers:,} offers = '
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         small, large = (int(x) for x in args.memory_sizes.split(','))
         peaks = {}
         for size in (small, large):
-            paths = _data(args.cache, size, args.offers, args.seed)
+            paths = data(args.cache, size, args.offers, args.seed)
             run = pipeline(*paths, os.path.join(work, f'm{size}'), top_k=100, database='none',
                            workers=args.workers, log=os.path.join(work, f'm{size}.log'))
             peaks[size] = run['peak_rss_mb']
