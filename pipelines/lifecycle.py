@@ -18,6 +18,9 @@ import os
 import typing
 
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import GoogleCloudOptions
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import TestOptions
 
 from pipelines import options as opts
 from transforms import audit
@@ -67,6 +70,18 @@ class RunSpec:
         return cls(operation=operation, run_key=values['run_key'] or f'{operation}:{today}', ledger_url=url,
                    force=values['force'], resume=values['resume'], operator=values['operator'],
                    run_id=values['run_id'] or ledger.new_run_id(operation))
+
+
+def describes_only(pipeline_options: PipelineOptions) -> bool:
+    """True when this process only describes the job and never sees it end.
+
+    That is a DataflowRunner ``--dry_run`` (nothing is submitted), or a Flex Template launch: the
+    launcher passes ``--template_location`` and the Dataflow service starts the job from the file
+    written there, after this process has exited. The ledger records how a run ended, so such a
+    process must not open a ledger entry: it would stay ``running`` for ever and block the run key.
+    """
+    return bool(pipeline_options.view_as(TestOptions).dry_run
+                or pipeline_options.view_as(GoogleCloudOptions).template_location)
 
 
 class Outcome(typing.NamedTuple):

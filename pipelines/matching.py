@@ -359,23 +359,49 @@ def print_summary(summary: dict, out=None) -> None:
     print(f"Dead letters (JSONL):  {summary['dead_letters_prefix']}-*.jsonl", file=out)
 
 
+def _pipeline_options(beam_args: list[str]) -> PipelineOptions:
+    pipeline_options = PipelineOptions(beam_args)
+    standard = pipeline_options.view_as(beam.options.pipeline_options.StandardOptions)
+    standard.runner = resolve_runner(standard.runner)
+    return pipeline_options
+
+
+def describe(config: MatchingConfig, beam_args: list[str]) -> dict:
+    """Builds the job and hands it to the runner without running it here: a DataflowRunner dry run,
+    or a Flex Template launch (the job description goes to ``--template_location``).
+
+    The run ledger is not used (see ``lifecycle.describes_only``). Checkpoints go to a directory of
+    this run id alone: without the ledger nothing tells a later launch which committed work it may
+    reuse, so none is reused.
+    """
+    pipeline = beam.Pipeline(options=_pipeline_options(beam_args))
+    store = CheckpointStore(FileSystems.join(config.output, '.checkpoints', config.run_id))
+    build(pipeline, config, store)
+    result = pipeline.run()
+    _LOGGER.warning('matching %s: job described, not run here; the run ledger and audit trail do not '
+                    'record jobs launched this way', config.run_id)
+    # The Beam job description (apiclient.Job) of a dry run; a template launch has none to return.
+    return {'described': True, 'run_id': config.run_id, 'job': getattr(result, 'job', None)}
+
+
 def run(argv: list[str] | None = None) -> dict:
     """Parses ``argv``, runs the pipeline to completion under the run ledger, returns its summary.
 
-    A run key that already succeeded is not run again: the summary then only holds ``skipped``.
+    A run key that already succeeded is not run again: the summary then only holds ``skipped``. When
+    the Beam options only describe the job (``--dry_run``, or ``--template_location`` as a Flex
+    Template launcher passes), ``describe`` builds and submits the description, outside the ledger.
     """
     values, beam_args = opts.parse(OPTIONS, list(sys.argv[1:] if argv is None else argv), prog=f'hrbatch run {NAME}')
     spec = lifecycle.RunSpec.from_values(NAME, values, values['output'])
     config = MatchingConfig.from_values(values, run_id=spec.run_id)
+    if lifecycle.describes_only(_pipeline_options(beam_args)):
+        return describe(config, beam_args)
     parameters = {k: v for k, v in values.items() if k not in ('run_id', 'force', 'resume', 'operator', 'ledger')}
     parameters['beam_args'] = beam_args
     summary = {}
 
     def work(store):
-        pipeline_options = PipelineOptions(beam_args)
-        standard = pipeline_options.view_as(beam.options.pipeline_options.StandardOptions)
-        standard.runner = resolve_runner(standard.runner)
-        pipeline = beam.Pipeline(options=pipeline_options)
+        pipeline = beam.Pipeline(options=_pipeline_options(beam_args))
         outputs = build(pipeline, config, store)
         result = pipeline.run()
         result.wait_until_finish()

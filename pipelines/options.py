@@ -88,7 +88,7 @@ def _parse_json(text: str):
 _PARSERS = {'string': str, 'int': _parse_int, 'float': _parse_float, 'bool': _parse_bool, 'json': _parse_json}
 
 
-class _Parser(argparse.ArgumentParser):
+class ConfigErrorParser(argparse.ArgumentParser):
     """argparse that raises ConfigError instead of exiting, so callers and tests see the message."""
 
     def error(self, message):
@@ -122,7 +122,7 @@ def _check_beam_args(args: list[str], own: tuple[Option, ...]) -> None:
 
 def parse(options: tuple[Option, ...], argv: list[str], *, prog: str) -> tuple[dict, list[str]]:
     """Splits ``argv`` into this pipeline's typed values and the Beam flags to pass on."""
-    parser = _Parser(prog=prog, allow_abbrev=False, description=f'{prog} pipeline options')
+    parser = ConfigErrorParser(prog=prog, allow_abbrev=False, description=f'{prog} pipeline options')
     for option in options:
         # A bare boolean flag (--force) means true; templates pass --force=true or --force=false.
         extra = {'nargs': '?', 'const': 'true'} if option.type == 'bool' else {}
@@ -138,7 +138,7 @@ def parse(options: tuple[Option, ...], argv: list[str], *, prog: str) -> tuple[d
 
 
 def help_text(options: tuple[Option, ...], *, prog: str) -> str:
-    parser = _Parser(prog=prog, allow_abbrev=False)
+    parser = ConfigErrorParser(prog=prog, allow_abbrev=False)
     for option in options:
         default = '' if option.default is None else f' (default: {option.default})'
         parser.add_argument(option.flag, required=option.required, metavar=option.type.upper(),
