@@ -23,4 +23,4 @@ def test_pipeline():
 
 
 # Real services, started by the tests themselves.
-pytest_plugins = ['tests.fixtures.postgres', 'tests.fixtures.gcs']
+pytest_plugins = ['tests.fixtures.postgres', 'tests.fixtures.gcs', 'tests.fixtures.beam_services']

@@ -1,0 +1,61 @@
+"""The same pipeline, unchanged, on other runners: its outputs equal the local runner's, file for file.
+
+Each runner is real and runs in processes of its own: Beam's job service with an EXTERNAL SDK worker
+pool (the portable submission path every remote runner takes).
+"""
+import filecmp
+import os
+import sqlite3
+
+import pytest
+
+from pipelines import generate
+from pipelines import matching
+
+pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
+
+COUNTS = ('candidates_read', 'offers_read', 'pairs_scored', 'matches_written', 'dead_letters')
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    directory = tmp_path_factory.mktemp('data')
+    generate.generate(str(directory), candidates=400, offers=12, seed=5, formats=('parquet', 'csv'))
+    return directory
+
+
+@pytest.fixture(scope='module')
+def local_result(tmp_path_factory, data):
+    return _run_matching(tmp_path_factory.mktemp('local') / 'out', data)
+
+
+def _run_matching(output, data, *beam_args):
+    summary = matching.run(['--candidates', str(data / 'candidates.parquet'), '--offers', str(data / 'offers.csv'),
+                            '--output', str(output), '--top_k', '7', '--batch_rows', '64', *beam_args])
+    return output, summary
+
+
+def _files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def assert_same_results(output, summary, local_result):
+    """Same Parquet files byte for byte, same database rows, same counts."""
+    local_output, local_summary = local_result
+    matches, local_matches = output / 'matches', local_output / 'matches'
+    assert _files(matches) == _files(local_matches) != []
+    _, mismatch, errors = filecmp.cmpfiles(local_matches, matches, _files(local_matches), shallow=False)
+    assert mismatch == errors == []
+    query = 'SELECT * FROM matches ORDER BY offer_id, candidate_id'
+    with sqlite3.connect(output / 'hrbatch.db') as db, sqlite3.connect(local_output / 'hrbatch.db') as local_db:
+        assert db.execute(query).fetchall() == local_db.execute(query).fetchall()
+    assert {k: summary[k] for k in COUNTS} == {k: local_summary[k] for k in COUNTS}
+    assert summary['matches_written'] > 0
+
+
+def test_portable_job_service_with_an_external_worker_pool_gives_the_local_results(
+        tmp_path, data, local_result, local_job_service, beam_worker_pool):
+    output, summary = _run_matching(
+        tmp_path / 'out', data, '--runner=PortableRunner', f'--job_endpoint={local_job_service.address}',
+        '--environment_type=EXTERNAL', f'--environment_config={beam_worker_pool.address}')
+    assert_same_results(output, summary, local_result)
