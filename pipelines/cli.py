@@ -5,6 +5,7 @@
     hrbatch run NAME [options]        run one pipeline; ``hrbatch run NAME --help`` lists its options
     hrbatch runs list|show RUN_ID     the run ledger (--database URL or $HRBATCH_DATABASE)
     hrbatch audit list|verify         the audit trail; verify exits 1 naming a tampered record
+    hrbatch flink up|status|down      a local Flink cluster, job server and SDK worker pool
     hrbatch template metadata|build|run  Dataflow Flex Templates (prints the commands; --execute runs them)
 
 Configuration errors print one line naming the option, the value and what is allowed, and exit 2.
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         if command == 'audit':
             from pipelines import runs_cli
             return runs_cli.audit_main(rest)
+        if command == 'flink':
+            from pipelines import flink
+            return flink.main(rest)
         if command == 'template':
             from pipelines import templates
             return templates.main(rest)
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             if not rest:
                 raise ConfigError(f'hrbatch run needs a pipeline name: {", ".join(sorted(registry.PIPELINES))}')
             return _run_pipeline(rest[0], rest[1:])
-        raise ConfigError(f'unknown command {command!r}; commands: demo, generate, run, runs, audit, template')
+        raise ConfigError(f'unknown command {command!r}; commands: demo, generate, run, runs, audit, flink, template')
     except ConfigError as err:
         print(f'hrbatch: error: {err}', file=sys.stderr)
         return 2

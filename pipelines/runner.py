@@ -5,6 +5,9 @@ that fails and it falls back to the ``FnApiRunner``, which is what really execut
 locally (it honours ``--direct_num_workers`` and ``--direct_running_mode``). hrbatch names that runner
 directly, so local runs and tests never depend on a download and always run on the same engine.
 """
+import os
+import sys
+
 LOCAL_RUNNER = 'FnApiRunner'
 _DIRECT_ALIASES = {None, '', 'direct', 'directrunner', 'switchingdirectrunner', 'fnapirunner', 'fnapi'}
 
@@ -14,3 +17,15 @@ def resolve_runner(requested: str | None) -> str:
     if requested is None or requested.lower() in _DIRECT_ALIASES:
         return LOCAL_RUNNER
     return requested
+
+
+def worker_pool_env(environ=None) -> dict:
+    """Environment for ``apache_beam.runners.worker.worker_pool_main`` (the EXTERNAL environment).
+
+    The pool starts each SDK worker as a bare ``python`` found on PATH: this interpreter's directory
+    goes first, or the workers start without Beam and hrbatch, never connect, and the job hangs until
+    its gRPC deadline.
+    """
+    env = dict(os.environ if environ is None else environ)
+    env['PATH'] = os.pathsep.join([os.path.dirname(sys.executable), env.get('PATH', '')])
+    return env

@@ -1,16 +1,20 @@
 """The same pipeline, unchanged, on other runners: its outputs equal the local runner's, file for file.
 
-Each runner is real and runs in processes of its own: Beam's job service with an EXTERNAL SDK worker
-pool (the portable submission path every remote runner takes).
+Each runner is real and runs in processes of its own: a standalone Flink cluster behind Beam's Flink
+job server, and Beam's own job service (the portable submission path every remote runner takes); both
+run the pipeline's Python code in an EXTERNAL SDK worker pool.
 """
 import filecmp
+import json
 import os
 import sqlite3
 
 import pytest
 
 from pipelines import generate
+from pipelines import flink
 from pipelines import matching
+from transforms.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
 
@@ -59,3 +63,25 @@ def test_portable_job_service_with_an_external_worker_pool_gives_the_local_resul
         tmp_path / 'out', data, '--runner=PortableRunner', f'--job_endpoint={local_job_service.address}',
         '--environment_type=EXTERNAL', f'--environment_config={beam_worker_pool.address}')
     assert_same_results(output, summary, local_result)
+
+
+def test_flink_cluster_runs_matching_with_the_local_results(tmp_path, data, local_result, flink_cluster):
+    """FlinkRunner on a standalone Flink cluster, the Python code in the EXTERNAL worker pool."""
+    before = flink.overview(flink_cluster.rest_url)
+    output, summary = _run_matching(tmp_path / 'out', data, *flink_cluster.beam_args())
+    assert_same_results(output, summary, local_result)
+    after = flink.overview(flink_cluster.rest_url)
+    # The job really ran on the cluster: one more finished job there, none failed.
+    assert after['jobs-finished'] == before['jobs-finished'] + 1
+    assert after['jobs-failed'] == before['jobs-failed'] == 0
+    assert after['taskmanagers'] == 1 and after['slots-total'] == 2
+
+
+def test_hrbatch_flink_status_reports_the_cluster_and_how_to_submit(flink_cluster, capsys):
+    assert flink.main(['status', '--state_dir', flink_cluster.state_dir]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report['up'] is True
+    assert report['flink']['flink-version'] == '1.19.3'
+    assert report['beam_args'] == flink_cluster.beam_args()
+    with pytest.raises(ConfigError, match='already started'):
+        flink.up(flink_cluster.state_dir)
