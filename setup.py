@@ -47,6 +47,7 @@ setuptools.setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.11',
     packages=setuptools.find_packages(include=['pipelines', 'pipelines.*', 'transforms', 'transforms.*']),
+    package_data={'transforms': ['rules/*.csv']},
     install_requires=_pinned_requirements(),
     entry_points={'console_scripts': ['hrbatch = pipelines.cli:main']},
 )

@@ -20,6 +20,8 @@ import typing
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from stdnum.fr import nir
+from stdnum.fr import siren
 from stdnum.fr import siret
 
 from transforms import taxonomy
@@ -44,6 +46,21 @@ def is_valid_siret(values: pa.Array) -> np.ndarray:
     return np.fromiter((siret.is_valid(v) for v in values.to_pylist()), dtype=bool, count=len(values))
 
 
+def is_valid_siren(values: pa.Array) -> np.ndarray:
+    """SIREN: 9 digits with a valid Luhn key (python-stdnum)."""
+    return np.fromiter((siren.is_valid(v) for v in values.to_pylist()), dtype=bool, count=len(values))
+
+
+def is_valid_nir(values: pa.Array) -> np.ndarray:
+    """NIR: 15 characters with a valid key (python-stdnum; Corsica's 2A/2B included)."""
+    return np.fromiter((nir.is_valid(v) for v in values.to_pylist()), dtype=bool, count=len(values))
+
+
+def is_month(values: pa.Array) -> np.ndarray:
+    """A month written YYYY-MM."""
+    return pc.match_substring_regex(values, r'^[0-9]{4}-(0[1-9]|1[0-2])$').to_numpy(zero_copy_only=False)
+
+
 def is_language_code(values: pa.Array) -> np.ndarray:
     """ISO 639-1 language code: two lower-case ASCII letters."""
     return pc.match_substring_regex(values, r'^[a-z]{2}$').to_numpy(zero_copy_only=False)
@@ -63,6 +80,9 @@ class Check:
 
 ESCO_SKILL = Check(taxonomy.is_esco_skill, 'an ESCO skill id (UUID of http://data.europa.eu/esco/skill/...)')
 SIRET = Check(is_valid_siret, 'a SIRET: 14 digits with a valid Luhn key')
+SIREN = Check(is_valid_siren, 'a SIREN: 9 digits with a valid Luhn key')
+NIR = Check(is_valid_nir, 'a NIR: 15 characters with a valid key')
+MONTH = Check(is_month, 'a month YYYY-MM')
 LANGUAGE = Check(is_language_code, 'an ISO 639-1 code (two lower-case letters)')
 EMAIL = Check(is_email, 'an e-mail address')
 
@@ -196,6 +216,139 @@ MATCHES = RecordSchema(
         *(Field(f'score_{c}', pa.float32(), min_value=0.0, max_value=1.0) for c in SCORE_COMPONENTS),
         Field('distance_km', pa.float32()),
         Field('weights', pa.string(), doc='The weights used, as JSON: the score is explainable.'),
+    ),
+)
+
+
+def siret_in_company(batch: pa.RecordBatch) -> np.ndarray:
+    sirets = batch.column('establishment_siret').to_pylist()
+    sirens = batch.column('company_siren').to_pylist()
+    return np.fromiter((a is not None and b is not None and a[:9] == b for a, b in zip(sirets, sirens)),
+                       dtype=bool, count=len(sirets))
+
+
+def contract_dates_are_ordered(batch: pa.RecordBatch) -> np.ndarray:
+    ends = batch.column('end_date')
+    ordered = pc.greater_equal(ends, batch.column('start_date'))
+    return pc.or_kleene(ends.is_null(), ordered).fill_null(True).to_numpy(zero_copy_only=False)
+
+
+EMPLOYEES = RecordSchema(
+    name='employees',
+    key=('employee_id',),
+    fields=(
+        Field('employee_id', pa.string(), doc='Stable employee identifier.'),
+        Field('nir', pa.string(), check=NIR, doc='Social security number with its key (15 characters).'),
+        Field('last_name', pa.string()),
+        Field('first_name', pa.string()),
+        Field('birth_date', pa.date32()),
+        Field('cadre', pa.bool_(), doc='Executive status: APEC and prévoyance cadres.'),
+        Field('alsace_moselle', pa.bool_(), doc='Local regime of Alsace-Moselle.'),
+        Field('low_qualification', pa.bool_(), doc='Below level 3 (CPF: 800 EUR a year, cap 8,000).'),
+    ),
+)
+
+ESTABLISHMENTS = RecordSchema(
+    name='establishments',
+    key=('establishment_siret',),
+    fields=(
+        Field('establishment_siret', pa.string(), check=SIRET),
+        Field('company_siren', pa.string(), check=SIREN),
+        Field('name', pa.string()),
+        Field('company_headcount', pa.int64(), min_value=0, max_value=10_000_000,
+              doc='Company headcount (effectif): thresholds 11 and 50.'),
+        Field('at_mp_rate', pa.float64(), min_value=0.0, max_value=30.0, doc='AT/MP rate notified, percent.'),
+        Field('mobility_rate', pa.float64(), min_value=0.0, max_value=5.0, doc='Versement mobilité, percent.'),
+    ),
+    row_checks=(RowCheck(siret_in_company, 'the SIRET must start with the SIREN of its company'),),
+)
+
+CONTRACTS = RecordSchema(
+    name='contracts',
+    key=('contract_id',),
+    fields=(
+        Field('contract_id', pa.string()),
+        Field('employee_id', pa.string()),
+        Field('establishment_siret', pa.string(), check=SIRET),
+        Field('contract_type', pa.string(), allowed=CONTRACT_TYPES),
+        Field('start_date', pa.date32()),
+        Field('end_date', pa.date32(), nullable=True, doc='Last day of the contract; null while it runs.'),
+        Field('weekly_hours', pa.float64(), min_value=0.01, max_value=48.0, doc='35 is full time.'),
+        Field('monthly_salary', pa.float64(), min_value=0.0, max_value=1_000_000.0,
+              doc='Gross base salary of a full month of this contract, EUR.'),
+    ),
+    row_checks=(RowCheck(contract_dates_are_ordered, 'end_date must not be before start_date'),),
+)
+
+VARIABLE_ELEMENTS = RecordSchema(
+    name='variable_elements',
+    key=('employee_id', 'period'),
+    fields=(
+        Field('employee_id', pa.string()),
+        Field('period', pa.string(), check=MONTH),
+        Field('overtime_hours', pa.float64(), min_value=0.0, max_value=300.0),
+        Field('bonus', pa.float64(), min_value=0.0, max_value=10_000_000.0, doc='EUR, gross.'),
+        Field('unpaid_absence_hours', pa.float64(), min_value=0.0, max_value=400.0),
+    ),
+)
+
+WITHHOLDING_RATES = RecordSchema(
+    name='withholding_rates',
+    key=('employee_id', 'period'),
+    fields=(
+        Field('employee_id', pa.string()),
+        Field('period', pa.string(), check=MONTH),
+        Field('pas_rate', pa.float64(), min_value=0.0, max_value=100.0,
+              doc='Personal withholding rate from the tax administration, percent.'),
+    ),
+)
+
+PAYSLIP_LINES = RecordSchema(
+    name='payslip_lines',
+    key=('employee_id', 'period', 'rubric'),
+    fields=(
+        Field('employee_id', pa.string()),
+        Field('period', pa.string()),
+        Field('line', pa.int32(), doc='Order on the payslip.'),
+        Field('rubric', pa.string()),
+        Field('kind', pa.string(), allowed=('gross', 'contribution', 'reduction', 'tax')),
+        Field('label', pa.string()),
+        Field('base_cents', pa.int64(), nullable=True),
+        Field('hours', pa.float64(), nullable=True),
+        Field('employee_rate', pa.float64(), nullable=True, doc='Percent.'),
+        Field('employer_rate', pa.float64(), nullable=True, doc='Percent.'),
+        Field('employee_cents', pa.int64(), doc='Gross lines: added to gross. Others: withheld from the employee.'),
+        Field('employer_cents', pa.int64(), doc='Paid by the employer; the RGDU line is negative.'),
+    ),
+)
+
+PAYSLIPS = RecordSchema(
+    name='payslips',
+    key=('employee_id', 'period'),
+    fields=(
+        Field('employee_id', pa.string()),
+        Field('period', pa.string()),
+        Field('establishment_siret', pa.string()),
+        *(Field(name, pa.int64()) for name in (
+            'gross_cents', 'employee_contributions_cents', 'net_before_tax_cents', 'net_taxable_cents')),
+        Field('pas_rate', pa.float64(), doc='Percent applied: personal rate, else the taux neutre grid.'),
+        *(Field(name, pa.int64()) for name in (
+            'pas_cents', 'net_pay_cents', 'employer_contributions_cents')),
+        Field('rgdu_coefficient', pa.float64()),
+        *(Field(name, pa.int64()) for name in ('rgdu_cents', 'employer_cost_cents', 'ceiling_cents')),
+        Field('hours_paid', pa.float64()),
+        Field('smic_reference_cents', pa.int64()),
+    ),
+)
+
+PAYROLL_CONTROLS = RecordSchema(
+    name='payroll_controls',
+    key=('establishment_siret', 'period', 'item'),
+    fields=(
+        Field('establishment_siret', pa.string()),
+        Field('period', pa.string()),
+        Field('item', pa.string(), doc='headcount, a total (gross, net_pay, ...) or employee:/employer:RUBRIC.'),
+        Field('value', pa.int64(), doc='Cents; a count for headcount.'),
     ),
 )
 
