@@ -110,11 +110,13 @@ class _Lines:
 
     def __init__(self, employee_ids: pa.Array, period: str):
         self._ids, self._period, self._blocks = employee_ids, period, []
+        self._position = 0  # a rubric's line number is its place in the rule order, whoever has it
 
     def add(self, mask, rubric, kind, label, *, employee, employer=0, base=None, hours=None,
             employee_rate=None, employer_rate=None):
         n = len(self._ids)
         rows = np.flatnonzero(np.broadcast_to(mask, (n,)))
+        position, self._position = self._position, self._position + 1
         if not len(rows):
             return
 
@@ -125,7 +127,7 @@ class _Lines:
 
         self._blocks.append({
             'employee_id': self._ids.take(pa.array(rows)), 'period': pa.array([self._period] * len(rows)),
-            'line': pa.array(np.full(len(rows), len(self._blocks), dtype=np.int32)),
+            'line': pa.array(np.full(len(rows), position, dtype=np.int32)),
             'rubric': pa.array([rubric] * len(rows)), 'kind': pa.array([kind] * len(rows)),
             'label': pa.array([label] * len(rows)), 'base_cents': pick(base, pa.int64()),
             'hours': pick(hours, pa.float64()), 'employee_rate': pick(employee_rate, pa.float64()),
