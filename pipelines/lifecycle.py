@@ -14,20 +14,25 @@ Every pipeline declares ``LIFECYCLE_OPTIONS`` with its own options.
 """
 import dataclasses
 import datetime
+import logging
 import os
 import typing
 
+import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import GoogleCloudOptions
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import TestOptions
 
 from pipelines import options as opts
+from pipelines.runner import pipeline_options
 from transforms import audit
 from transforms import ledger
 from transforms.checkpoints import CheckpointStore
 from transforms.checkpoints import checkpoint_scope
 from transforms.errors import ConfigError
+
+_LOGGER = logging.getLogger(__name__)
 
 LIFECYCLE_OPTIONS = (
     opts.Option('run_key', 'Logical key of the run: operation plus business scope, e.g. matching:2026-12-03. '
@@ -82,6 +87,34 @@ def describes_only(pipeline_options: PipelineOptions) -> bool:
     """
     return bool(pipeline_options.view_as(TestOptions).dry_run
                 or pipeline_options.view_as(GoogleCloudOptions).template_location)
+
+
+def database_target(database: str | None, output: str) -> str | None:
+    """The SQL target of ``--database``: default SQLite beside a local output, none for gs://."""
+    if database is None:
+        return None if output.startswith('gs://') else 'sqlite:///' + os.path.join(os.path.abspath(output), 'hrbatch.db')
+    if database.lower() == 'none':
+        return None
+    if not database.startswith(('sqlite:///', 'postgresql://')):
+        raise ConfigError(f'--database={database!r}: must be sqlite:///PATH, postgresql://... or none')
+    return database
+
+
+def describe(operation: str, run_id: str, output: str, beam_args: list[str],
+             build: typing.Callable[[typing.Any, CheckpointStore], typing.Any]) -> dict:
+    """Builds the job and hands it to the runner without running it here: a DataflowRunner dry run,
+    or a Flex Template launch (the job description goes to ``--template_location``).
+
+    The run ledger is not used (see ``describes_only``). Checkpoints go to a directory of this run id
+    alone: without the ledger nothing tells a later launch which committed work it may reuse.
+    """
+    pipeline = beam.Pipeline(options=pipeline_options(beam_args))
+    build(pipeline, CheckpointStore(FileSystems.join(output, '.checkpoints', run_id)))
+    result = pipeline.run()
+    _LOGGER.warning('%s %s: job described, not run here; the run ledger and audit trail do not record jobs '
+                    'launched this way', operation, run_id)
+    # The Beam job description (apiclient.Job) of a dry run; a template launch has none to return.
+    return {'described': True, 'run_id': run_id, 'job': getattr(result, 'job', None)}
 
 
 class Outcome(typing.NamedTuple):

@@ -31,7 +31,6 @@ On Dataflow::
 """
 import dataclasses
 import logging
-import os
 import sys
 import typing
 
@@ -41,11 +40,10 @@ import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import lifecycle
 from pipelines import options as opts
-from pipelines.runner import resolve_runner
+from pipelines.runner import pipeline_options
 from transforms import schemas
 from transforms import scoring
 from transforms.batching import Rebatcher
@@ -142,14 +140,7 @@ class MatchingConfig:
         except ValueError as err:
             raise ConfigError(f'--{err}') from None
         output = values['output']
-        database = values['database']
-        if database is None:
-            database = None if output.startswith('gs://') else \
-                'sqlite:///' + os.path.join(os.path.abspath(output), 'hrbatch.db')
-        elif database.lower() == 'none':
-            database = None
-        elif not database.startswith(('sqlite:///', 'postgresql://')):
-            raise ConfigError(f'--database={database!r}: must be sqlite:///PATH, postgresql://... or none')
+        database = lifecycle.database_target(values['database'], output)
         return cls(candidates=values['candidates'], offers=values['offers'], output=output, database=database,
                    candidates_format=values['candidates_format'], offers_format=values['offers_format'],
                    scoring=config, batch_rows=values['batch_rows'], batch_bytes=values['batch_bytes'],
@@ -359,31 +350,6 @@ def print_summary(summary: dict, out=None) -> None:
     print(f"Dead letters (JSONL):  {summary['dead_letters_prefix']}-*.jsonl", file=out)
 
 
-def _pipeline_options(beam_args: list[str]) -> PipelineOptions:
-    pipeline_options = PipelineOptions(beam_args)
-    standard = pipeline_options.view_as(beam.options.pipeline_options.StandardOptions)
-    standard.runner = resolve_runner(standard.runner)
-    return pipeline_options
-
-
-def describe(config: MatchingConfig, beam_args: list[str]) -> dict:
-    """Builds the job and hands it to the runner without running it here: a DataflowRunner dry run,
-    or a Flex Template launch (the job description goes to ``--template_location``).
-
-    The run ledger is not used (see ``lifecycle.describes_only``). Checkpoints go to a directory of
-    this run id alone: without the ledger nothing tells a later launch which committed work it may
-    reuse, so none is reused.
-    """
-    pipeline = beam.Pipeline(options=_pipeline_options(beam_args))
-    store = CheckpointStore(FileSystems.join(config.output, '.checkpoints', config.run_id))
-    build(pipeline, config, store)
-    result = pipeline.run()
-    _LOGGER.warning('matching %s: job described, not run here; the run ledger and audit trail do not '
-                    'record jobs launched this way', config.run_id)
-    # The Beam job description (apiclient.Job) of a dry run; a template launch has none to return.
-    return {'described': True, 'run_id': config.run_id, 'job': getattr(result, 'job', None)}
-
-
 def run(argv: list[str] | None = None) -> dict:
     """Parses ``argv``, runs the pipeline to completion under the run ledger, returns its summary.
 
@@ -394,14 +360,15 @@ def run(argv: list[str] | None = None) -> dict:
     values, beam_args = opts.parse(OPTIONS, list(sys.argv[1:] if argv is None else argv), prog=f'hrbatch run {NAME}')
     spec = lifecycle.RunSpec.from_values(NAME, values, values['output'])
     config = MatchingConfig.from_values(values, run_id=spec.run_id)
-    if lifecycle.describes_only(_pipeline_options(beam_args)):
-        return describe(config, beam_args)
+    if lifecycle.describes_only(pipeline_options(beam_args)):
+        return lifecycle.describe(NAME, config.run_id, config.output, beam_args,
+                                  lambda pipeline, store: build(pipeline, config, store))
     parameters = {k: v for k, v in values.items() if k not in ('run_id', 'force', 'resume', 'operator', 'ledger')}
     parameters['beam_args'] = beam_args
     summary = {}
 
     def work(store):
-        pipeline = beam.Pipeline(options=_pipeline_options(beam_args))
+        pipeline = beam.Pipeline(options=pipeline_options(beam_args))
         outputs = build(pipeline, config, store)
         result = pipeline.run()
         result.wait_until_finish()

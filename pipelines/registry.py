@@ -4,6 +4,7 @@ import types
 
 PIPELINES = {
     'matching': 'pipelines.matching',
+    'payroll': 'pipelines.payroll',
 }
 
 

@@ -8,6 +8,9 @@ directly, so local runs and tests never depend on a download and always run on t
 import os
 import sys
 
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import StandardOptions
+
 LOCAL_RUNNER = 'FnApiRunner'
 _DIRECT_ALIASES = {None, '', 'direct', 'directrunner', 'switchingdirectrunner', 'fnapirunner', 'fnapi'}
 
@@ -29,3 +32,11 @@ def worker_pool_env(environ=None) -> dict:
     env = dict(os.environ if environ is None else environ)
     env['PATH'] = os.pathsep.join([os.path.dirname(sys.executable), env.get('PATH', '')])
     return env
+
+
+def pipeline_options(beam_args: list[str]) -> PipelineOptions:
+    """Beam options from the flags a pipeline did not claim, with the runner resolved."""
+    options = PipelineOptions(beam_args)
+    standard = options.view_as(StandardOptions)
+    standard.runner = resolve_runner(standard.runner)
+    return options

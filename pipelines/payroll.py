@@ -1,0 +1,322 @@
+"""Payroll: the payslip of every employee for one month, with control totals per establishment.
+
+Inputs: employees (NIR, cadre, Alsace-Moselle), establishments (SIRET, company SIREN and headcount,
+AT/MP and versement mobilité rates), contracts (dates, weekly hours, monthly salary), and optionally
+the month's variable elements (overtime, bonuses, unpaid absences) and personal withholding rates
+(else the taux neutre grid applies). The rules in force for the month are dated rows in
+``transforms/rules/`` (``transforms.payroll_rules``); the payslip itself is ``transforms.payslips``.
+
+Outputs, keyed, so a rerun rewrites the same rows and never duplicates: payslip lines keyed by
+(employee, period, rubric), payslip totals by (employee, period), and control totals by
+(establishment, period, item): headcount, gross mass, net pay, employer cost, RGDU, withholding, and
+every contribution, employee and employer side. Parquet under ``--output`` and the same rows in the
+SQL database. An employee who cannot be paid correctly (see ``transforms.payroll_inputs``) gets no
+payslip and a dead letter naming the employee key; every other employee is paid.
+
+Scaling: every record of an employee is routed to one hash bucket of ``employee_id``
+(``--buckets``); a bucket is joined and computed at once on Arrow tables, and buckets run in
+parallel. Establishments are a side input.
+
+Not implemented yet (see the closing notes): the RGDU's yearly progressive regularisation (the
+reduction is computed on the month alone), several successive contracts in one month, the reduced
+maladie and family rates, and the tax and social exemption of overtime.
+
+    hrbatch run payroll --period 2026-11 --employees in/employees.parquet \\
+        --establishments in/establishments.parquet --contracts in/contracts.parquet \\
+        --variable_elements in/variable_elements.parquet --withholding_rates in/withholding_rates.parquet \\
+        --output out/payroll-2026-11
+"""
+import collections
+import dataclasses
+import json
+import logging
+import sys
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+
+from pipelines import lifecycle
+from pipelines import options as opts
+from pipelines.runner import pipeline_options
+from transforms import payroll_inputs
+from transforms import payslips
+from transforms import schemas
+from transforms.dead_letters import METRICS_NAMESPACE
+from transforms.dead_letters import WriteDeadLetters
+from transforms.deduplicate import stable_buckets
+from transforms.keyed_write import WriteKeyed
+from transforms.payroll_rules import PayrollRules
+from transforms.read import ReadRecords
+
+NAME = 'payroll'
+_LOGGER = logging.getLogger(__name__)
+_DEAD_LETTERS = 'dead_letters'
+_CONTROLS = 'controls'
+_TOTALS = 'totals'
+_DATA_CATEGORIES = ['employees', 'contracts', 'pay', 'withholding tax rates']
+# Inputs routed by employee: name -> (schema, required).
+_BY_EMPLOYEE = {
+    'employees': (schemas.EMPLOYEES, True),
+    'contracts': (schemas.CONTRACTS, True),
+    'variable_elements': (schemas.VARIABLE_ELEMENTS, False),
+    'withholding_rates': (schemas.WITHHOLDING_RATES, False),
+}
+_BLOCKED = 'blocked'
+_CONTROL_TOTALS = ('gross_cents', 'employee_contributions_cents', 'net_before_tax_cents', 'net_taxable_cents',
+                   'pas_cents', 'net_pay_cents', 'employer_contributions_cents', 'rgdu_cents', 'employer_cost_cents')
+
+OPTIONS = (
+    opts.Option('period', 'The month to pay, YYYY-MM.', required=True),
+    opts.Option('employees', 'Employees file or glob (local or gs://): Parquet, Avro, CSV or JSONL.', required=True),
+    opts.Option('establishments', 'Establishments file or glob.', required=True),
+    opts.Option('contracts', 'Employment contracts file or glob.', required=True),
+    opts.Option('variable_elements', "The month's variable elements (overtime, bonuses, unpaid absences). "
+                'Rows of other months are ignored. Default: none.'),
+    opts.Option('withholding_rates', 'Personal withholding (PAS) rates; without one the taux neutre grid applies.'),
+    opts.Option('output', 'Output directory (local or gs://): payslip_lines/, payslips/, controls/, dead_letters/.',
+                required=True),
+    opts.Option('database', 'Where payslips are upserted: sqlite:///PATH, postgresql://..., or "none". '
+                'Default: sqlite:///OUTPUT/hrbatch.db for a local output, none for gs://.'),
+    opts.Option('buckets', 'Hash buckets of employee_id: the unit of parallel work.', type='int', default=64,
+                min_value=1, max_value=100_000),
+    opts.Option('partition_buckets', 'Number of Parquet partitions (hash buckets of employee_id).', type='int',
+                default=16, min_value=1, max_value=100_000),
+) + lifecycle.LIFECYCLE_OPTIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class PayrollConfig:
+    period: str
+    inputs: dict                # input name -> file pattern (None for an absent optional input)
+    output: str
+    database: str | None
+    buckets: int
+    partition_buckets: int
+    run_id: str
+
+    def path(self, name: str) -> str:
+        return FileSystems.join(self.output, name)
+
+    @classmethod
+    def from_values(cls, values: dict, *, run_id: str) -> 'PayrollConfig':
+        PayrollRules.for_period(values['period'])  # a month without rules fails now, naming it
+        inputs = {name: values[name] for name in (*_BY_EMPLOYEE, 'establishments')}
+        return cls(period=values['period'], inputs=inputs, output=values['output'],
+                   database=lifecycle.database_target(values['database'], values['output']),
+                   buckets=values['buckets'], partition_buckets=values['partition_buckets'], run_id=run_id)
+
+
+def _of_period(batch: pa.RecordBatch, period: str) -> pa.RecordBatch:
+    return batch.filter(pc.equal(batch.column('period'), period))
+
+
+class _SplitByEmployeeFn(beam.DoFn):
+    """(bucket, (input name, the batch's rows of that bucket)) for each bucket present in the batch."""
+
+    def __init__(self, name: str, buckets: int):
+        self._name, self._buckets = name, buckets
+
+    def process(self, batch: pa.RecordBatch):
+        if not batch.num_rows:
+            return
+        buckets = stable_buckets(batch.column('employee_id'), self._buckets)
+        order = np.argsort(buckets, kind='stable')
+        bounds = np.searchsorted(buckets[order], np.arange(self._buckets + 1))
+        for bucket in np.flatnonzero(np.diff(bounds)):
+            rows = pa.array(order[bounds[bucket]:bounds[bucket + 1]])
+            yield int(bucket), (self._name, batch.take(rows))
+
+
+def _blocked_employee(letter, buckets: int):
+    """A record rejected at read, routed to its employee's bucket so the employee is not paid."""
+    try:
+        employee_id = json.loads(letter.payload).get('employee_id')
+    except (ValueError, AttributeError):
+        employee_id = None
+    if not isinstance(employee_id, str) or not employee_id:
+        Metrics.counter(METRICS_NAMESPACE, 'rejected_records_without_employee').inc()
+        return []
+    # The step only: the read error quotes the rejected value, which may be the NIR.
+    reason = f'one of its records was rejected at {letter.step} (see that dead letter)'
+    bucket = int(stable_buckets(pa.array([employee_id]), buckets)[0])
+    return [(bucket, (_BLOCKED, (employee_id, reason)))]
+
+
+class _PayBucketFn(beam.DoFn):
+    """Joins and pays the employees of one bucket; yields lines, totals, control items, dead letters."""
+
+    def __init__(self, period: str):
+        self._period = period
+        self._paid = Metrics.counter(METRICS_NAMESPACE, 'employees_paid')
+        self._without_contract = Metrics.counter(METRICS_NAMESPACE, 'employees_without_contract')
+
+    def setup(self):
+        self._rules = PayrollRules.for_period(self._period)
+
+    def process(self, element, establishments):
+        _, items = element
+        parts, blocked = collections.defaultdict(list), {}
+        for name, value in items:
+            if name == _BLOCKED:
+                blocked.setdefault(*value)
+            else:
+                parts[name].append(value)
+        tables = {name: _table(parts[name], schema) for name, (schema, _) in _BY_EMPLOYEE.items()}
+        assembled = payroll_inputs.assemble(
+            self._period, tables['employees'], tables['contracts'], tables['variable_elements'],
+            tables['withholding_rates'], _table(establishments, schemas.ESTABLISHMENTS), blocked)
+        self._without_contract.inc(assembled.without_contract)
+        for letter in assembled.dead_letters:
+            yield beam.pvalue.TaggedOutput(_DEAD_LETTERS, letter)
+        if not assembled.month.num_rows:
+            return
+        lines, totals = payslips.compute(assembled.month, self._rules)
+        self._paid.inc(totals.num_rows)
+        yield from lines.to_batches()
+        for batch in totals.to_batches():
+            yield beam.pvalue.TaggedOutput(_TOTALS, batch)
+        for item in _control_items(lines, totals):
+            yield beam.pvalue.TaggedOutput(_CONTROLS, item)
+
+
+def _table(batches: list, schema: schemas.RecordSchema) -> pa.Table:
+    target = schema.arrow_schema()
+    return pa.Table.from_batches([b.select(target.names) for b in batches], schema=target)
+
+
+def _control_items(lines: pa.Table, totals: pa.Table):
+    """((establishment, item), amount) partial sums of one bucket."""
+    by_site = totals.group_by('establishment_siret').aggregate(
+        [('employee_id', 'count')] + [(name, 'sum') for name in _CONTROL_TOTALS])
+    for row in by_site.to_pylist():
+        site = row['establishment_siret']
+        yield (site, 'headcount'), row['employee_id_count']
+        for name in _CONTROL_TOTALS:
+            yield (site, name.removesuffix('_cents')), row[f'{name}_sum']
+    sited = lines.join(totals.select(['employee_id', 'establishment_siret']), 'employee_id')
+    contributions = sited.filter(pc.equal(sited.column('kind'), 'contribution'))
+    by_rubric = contributions.group_by(['establishment_siret', 'rubric']).aggregate(
+        [('employee_cents', 'sum'), ('employer_cents', 'sum')])
+    for row in by_rubric.to_pylist():
+        yield (row['establishment_siret'], f'employee:{row["rubric"]}'), row['employee_cents_sum']
+        yield (row['establishment_siret'], f'employer:{row["rubric"]}'), row['employer_cents_sum']
+
+
+def _controls_batch(items: list, period: str) -> pa.RecordBatch:
+    items = sorted(items)
+    return pa.RecordBatch.from_pydict({
+        'establishment_siret': [site for (site, _), _ in items], 'period': [period] * len(items),
+        'item': [item for (_, item), _ in items], 'value': [int(value) for _, value in items],
+    }, schema=schemas.PAYROLL_CONTROLS.arrow_schema())
+
+
+def build(pipeline: beam.Pipeline, config: PayrollConfig, store=None) -> dict:
+    """Adds the payroll graph to ``pipeline``; returns its PCollections by name."""
+    del store  # every run recomputes the month; the keyed writes make that idempotent
+    routed, rejected = [], []
+    for name, (schema, required) in _BY_EMPLOYEE.items():
+        pattern = config.inputs[name]
+        if pattern is None:
+            continue
+        label = ''.join(part.title() for part in name.split('_'))
+        read = pipeline | f'Read{label}' >> ReadRecords(file_pattern=pattern, schema=schema, step=f'Read{label}')
+        records = read.records
+        if 'period' in schema.names:
+            records = records | f'{label}OfPeriod' >> beam.Map(_of_period, config.period)
+        routed.append(records | f'Route{label}' >> beam.ParDo(_SplitByEmployeeFn(name, config.buckets)))
+        rejected.append(read.dead_letters)
+    sites = pipeline | 'ReadEstablishments' >> ReadRecords(
+        file_pattern=config.inputs['establishments'], schema=schemas.ESTABLISHMENTS, step='ReadEstablishments')
+    read_letters = rejected | 'ReadRejections' >> beam.Flatten()
+    blocked = read_letters | 'RouteRejections' >> beam.FlatMap(_blocked_employee, config.buckets)
+    paid = (
+        (*routed, blocked)
+        | 'AllByEmployee' >> beam.Flatten()
+        | 'GroupByBucket' >> beam.GroupByKey()
+        | 'PayBuckets' >> beam.ParDo(_PayBucketFn(config.period), establishments=beam.pvalue.AsList(sites.records))
+        .with_outputs(_TOTALS, _CONTROLS, _DEAD_LETTERS, main='lines'))
+    controls = (
+        paid[_CONTROLS]
+        | 'SumControls' >> beam.CombinePerKey(sum)
+        | 'AllControls' >> beam.combiners.ToList()
+        | 'ControlsBatch' >> beam.Map(_controls_batch, config.period))
+    outputs = {'payslip_lines': (schemas.PAYSLIP_LINES, paid.lines), 'payslips': (schemas.PAYSLIPS, paid[_TOTALS]),
+               'controls': (schemas.PAYROLL_CONTROLS, controls)}
+    for name, (schema, batches) in outputs.items():
+        label = ''.join(part.title() for part in name.split('_'))
+        partitioned = {} if name == 'controls' else {'partition_by': 'employee_id',
+                                                      'buckets': config.partition_buckets}
+        batches | f'Write{label}' >> WriteKeyed(schema=schema, target=config.path(name), **partitioned)
+        if config.database:
+            batches | f'Write{label}ToDatabase' >> WriteKeyed(schema=schema, target=config.database)
+    dead_letters = (read_letters, sites.dead_letters, paid[_DEAD_LETTERS]) | 'AllDeadLetters' >> beam.Flatten()
+    dead_letters | 'WriteDeadLetters' >> WriteDeadLetters(
+        output_prefix=FileSystems.join(config.output, 'dead_letters', 'dead_letters'), run_id=config.run_id)
+    return {'lines': paid.lines, 'totals': paid[_TOTALS], 'controls': controls, 'dead_letters': dead_letters}
+
+
+def _counter(result, name: str) -> int:
+    query = MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name(name)
+    return sum(r.committed or 0 for r in result.metrics().query(query)['counters'])
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Parses ``argv``, pays the month under the run ledger, returns the summary (or ``skipped``)."""
+    values, beam_args = opts.parse(OPTIONS, list(sys.argv[1:] if argv is None else argv), prog=f'hrbatch run {NAME}')
+    if not values['run_key']:
+        values['run_key'] = f'{NAME}:{values["period"]}'
+    spec = lifecycle.RunSpec.from_values(NAME, values, values['output'])
+    config = PayrollConfig.from_values(values, run_id=spec.run_id)
+    if lifecycle.describes_only(pipeline_options(beam_args)):
+        return lifecycle.describe(NAME, config.run_id, config.output, beam_args,
+                                  lambda pipeline, store: build(pipeline, config, store))
+    parameters = {k: v for k, v in values.items() if k not in ('run_id', 'force', 'resume', 'operator', 'ledger')}
+    parameters['beam_args'] = beam_args
+    summary = {}
+
+    def work(store):
+        pipeline = beam.Pipeline(options=pipeline_options(beam_args))
+        build(pipeline, config, store)
+        result = pipeline.run()
+        result.wait_until_finish()
+        summary.update({
+            'run_id': config.run_id, 'period': config.period,
+            'employees_read': _counter(result, 'employees_read'),
+            'contracts_read': _counter(result, 'contracts_read'),
+            'employees_paid': _counter(result, 'employees_paid'),
+            'employees_without_contract': _counter(result, 'employees_without_contract'),
+            'payslip_lines_written': _counter(result, 'payslip_lines_parquet_rows'),
+            'dead_letters': _counter(result, 'dead_letters'),
+            'output': config.output, 'database': config.database,
+        })
+        counts = {k: summary[k] for k in ('employees_read', 'contracts_read', 'employees_paid',
+                                          'employees_without_contract', 'payslip_lines_written', 'dead_letters')}
+        outputs = {name: config.path(name) for name in ('payslip_lines', 'payslips', 'controls', 'dead_letters')}
+        return lifecycle.Outcome(counts=counts, outputs={**outputs, 'database': config.database},
+                                 record_refs={'period': config.period, 'employees_paid': summary['employees_paid']})
+
+    inputs = [p for p in config.inputs.values() if p]
+    outcome = lifecycle.execute(spec, parameters=parameters, inputs=inputs, data_categories=_DATA_CATEGORIES,
+                                checkpoint_root=FileSystems.join(config.output, '.checkpoints'), work=work)
+    if outcome is None:
+        return {'skipped': True, 'run_key': spec.run_key}
+    print(f"Payroll {config.period}, run {config.run_id}: {summary['employees_paid']:,} employees paid, "
+          f"{summary['dead_letters']:,} dead letters, {summary['employees_without_contract']:,} without a contract "
+          'this month.')
+    print(f'Payslips (Parquet):    {config.path("payslips")}/ and {config.path("payslip_lines")}/')
+    print(f'Control totals:        {config.path("controls")}/')
+    if config.database:
+        print(f'Payslips (SQL):        {config.database}  tables payslips, payslip_lines, payroll_controls')
+    print(f'Dead letters (JSONL):  {FileSystems.join(config.output, "dead_letters")}/')
+    print(f'Run ledger and audit:  {spec.ledger_url}  (hrbatch runs show {spec.run_id} --database URL)')
+    return summary
+
+
+if __name__ == '__main__':
+    from pipelines.cli import main_for
+    sys.exit(main_for(NAME))

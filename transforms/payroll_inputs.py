@@ -1,0 +1,145 @@
+"""Assemble one month's payroll input per employee, and say exactly who cannot be paid and why.
+
+``assemble`` works on the records of a set of employees (a hash bucket of ``employee_id``: every
+record of an employee lands in the same bucket): employees, contracts, variable elements and
+withholding rates, plus the ids of employees one of whose records was rejected when read. It returns
+the ``payslips.MONTH_INPUT`` rows of the employees who can be paid, and a dead letter naming the
+employee key (never the NIR) for each one who cannot, so that nobody is paid wrongly and everybody
+valid is paid:
+
+- a record of the employee was rejected when read (an invalid NIR, a contract ending before it
+  starts, negative hours, ...): paying without it could pay a wrong amount;
+- the employee record appears twice, or two variable-element or withholding rows for the month;
+- contracts that overlap in time: in two establishments at once, or twice in one;
+- several successive contracts in one month (not supported yet: each needs its own proration);
+- a contract in an establishment that is not in the establishments input;
+- a contract, variable elements or a withholding rate whose employee is not in the employees input,
+  and variable elements or a withholding rate for an employee with no contract in the month.
+
+An employee with no contract in the month gets no payslip and no dead letter (counted apart).
+"""
+import calendar
+import collections
+import datetime
+import json
+import typing
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from transforms import payslips
+from transforms.dead_letters import DeadLetter
+
+STEP = 'AssemblePayroll'
+
+
+class Assembled(typing.NamedTuple):
+    month: pa.Table                  # payslips.MONTH_INPUT, sorted by employee_id
+    dead_letters: list[DeadLetter]
+    without_contract: int            # employees with no contract in the month
+
+
+def month_bounds(period: str) -> tuple[datetime.date, datetime.date]:
+    year, month = int(period[:4]), int(period[5:7])
+    return datetime.date(year, month, 1), datetime.date(year, month, calendar.monthrange(year, month)[1])
+
+
+def contracts_in_month(contracts: pa.Table, period: str) -> pa.Table:
+    """The contracts running during ``period``, with their ``presence_days`` in it."""
+    first, last = month_bounds(period)
+    start = pc.max_element_wise(contracts.column('start_date'), pa.scalar(first, pa.date32()))
+    end = pc.min_element_wise(contracts.column('end_date').fill_null(pa.scalar(last, pa.date32())),
+                              pa.scalar(last, pa.date32()))
+    days = pc.add(pc.days_between(start, end), 1)
+    running = pc.greater(days, 0)
+    return contracts.append_column('presence_days', days.cast(pa.int64())).filter(running)
+
+
+def _letter(employee_id: str, error: str, records: dict) -> DeadLetter:
+    payload = json.dumps({'employee_id': employee_id, **records}, ensure_ascii=False, sort_keys=True, default=str)
+    return DeadLetter(step=STEP, error=f'employee {employee_id} not paid: {error}', payload=payload, source='')
+
+
+def _ids(table: pa.Table) -> list[str]:
+    return table.column('employee_id').to_pylist()
+
+
+def _duplicates(ids: list[str]) -> set[str]:
+    return {k for k, n in collections.Counter(ids).items() if n > 1}
+
+
+def _contract_reason(rows: list[dict]) -> str:
+    rows = sorted(rows, key=lambda r: (r['start_date'], r['contract_id']))
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            a_end = a['end_date'] or datetime.date.max
+            if b['start_date'] <= a_end:
+                if a['establishment_siret'] != b['establishment_siret']:
+                    return (f'in two establishments at once: contracts {a["contract_id"]} '
+                            f'({a["establishment_siret"]}) and {b["contract_id"]} ({b["establishment_siret"]}) '
+                            f'overlap from {b["start_date"]}')
+                return f'contracts {a["contract_id"]} and {b["contract_id"]} overlap from {b["start_date"]}'
+    return (f'{len(rows)} successive contracts in one month '
+            f'({", ".join(r["contract_id"] for r in rows)}): not supported yet')
+
+
+def assemble(period: str, employees: pa.Table, contracts: pa.Table, variables: pa.Table, rates: pa.Table,
+             establishments: pa.Table, blocked: dict[str, str]) -> Assembled:
+    """See the module docstring. ``variables`` and ``rates`` hold the rows of ``period`` only;
+    ``blocked`` maps an employee id to why one of its records was rejected at read."""
+    letters: dict[str, DeadLetter] = {}
+
+    def refuse(employee_id, error, **records):
+        letters.setdefault(employee_id, _letter(employee_id, error, records))
+
+    for employee_id, why in sorted(blocked.items()):
+        refuse(employee_id, why)
+    for employee_id in sorted(_duplicates(_ids(employees))):
+        refuse(employee_id, 'the employee record appears more than once')
+    for name, table in (('variable elements', variables), ('withholding rate', rates)):
+        for employee_id in sorted(_duplicates(_ids(table))):
+            refuse(employee_id, f'more than one {name} row for {period}')
+
+    known = set(_ids(employees))
+    month = contracts_in_month(contracts, period)
+    by_employee = collections.defaultdict(list)
+    for row in month.select(['employee_id', 'contract_id', 'establishment_siret', 'start_date',
+                             'end_date']).to_pylist():
+        by_employee[row['employee_id']].append(row)
+    sites = set(establishments.column('establishment_siret').to_pylist())
+    for employee_id, rows in sorted(by_employee.items()):
+        if employee_id not in known:
+            refuse(employee_id, 'contract ' + ', '.join(r['contract_id'] for r in rows) +
+                   ' has no employee record', contracts=rows)
+        elif len(rows) > 1:
+            refuse(employee_id, _contract_reason(rows), contracts=rows)
+        elif rows[0]['establishment_siret'] not in sites:
+            refuse(employee_id, f'establishment {rows[0]["establishment_siret"]} of contract '
+                   f'{rows[0]["contract_id"]} is not in the establishments input', contracts=rows)
+    for name, table in (('variable elements', variables), ('a withholding rate', rates)):
+        for employee_id in sorted(set(_ids(table)) - set(by_employee)):
+            refuse(employee_id, f'{name} for {period} but no contract in {period}'
+                   + ('' if employee_id in known else ' and no employee record'))
+
+    payable = pa.array(sorted(set(by_employee) - set(letters)), pa.string())
+    employees = employees.filter(pc.is_in(employees.column('employee_id'), payable))
+    month = month.filter(pc.is_in(month.column('employee_id'), payable))
+    joined = (month.select(['employee_id', 'establishment_siret', 'weekly_hours', 'monthly_salary', 'presence_days'])
+              .join(employees.select(['employee_id', 'cadre', 'alsace_moselle']), 'employee_id')
+              .join(establishments.select(['establishment_siret', 'company_headcount', 'at_mp_rate',
+                                           'mobility_rate']), 'establishment_siret')
+              .join(variables.select(['employee_id', 'overtime_hours', 'bonus', 'unpaid_absence_hours']),
+                    'employee_id', join_type='left outer')
+              .join(rates.select(['employee_id', 'pas_rate']), 'employee_id', join_type='left outer'))
+    n = joined.num_rows
+    days = month_bounds(period)[1].day
+    joined = (joined.set_column(joined.schema.get_field_index('overtime_hours'), 'overtime_hours',
+                                joined.column('overtime_hours').fill_null(0.0))
+              .set_column(joined.schema.get_field_index('bonus'), 'bonus', joined.column('bonus').fill_null(0.0))
+              .set_column(joined.schema.get_field_index('unpaid_absence_hours'), 'unpaid_absence_hours',
+                          joined.column('unpaid_absence_hours').fill_null(0.0))
+              .append_column('days_in_month', pa.array(np.full(n, days, dtype=np.int64))))
+    ordered = joined.select(payslips.MONTH_INPUT.names).cast(payslips.MONTH_INPUT).sort_by('employee_id')
+    without_contract = len(known - set(by_employee) - set(letters))
+    return Assembled(ordered, [letters[k] for k in sorted(letters)], without_contract)
