@@ -180,7 +180,7 @@ def ascii_slug(text: str) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _names() -> _Names:
+def person_names() -> _Names:
     """Faker's fr_FR name lists, as Arrow arrays to sample from with ``take`` (no per-row Faker call)."""
     first = [n for n in FrenchPersonProvider.first_names if ascii_slug(n)]
     last = [n for n in FrenchPersonProvider.last_names if ascii_slug(n)]
@@ -208,7 +208,7 @@ def _cities() -> _Cities:
     )
 
 
-def _stream_rng(seed: int, stream: int, block: int = 0) -> np.random.Generator:
+def stream_rng(seed: int, stream: int, block: int = 0) -> np.random.Generator:
     """The generator of one block of one dataset: independent of every other block and dataset."""
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, stream, block])))
 
@@ -224,7 +224,7 @@ def _job_families(seed: int) -> _JobFamilies:
 
     Disjoint families make every drawn skill list free of duplicates without a per-row check.
     """
-    rng = _stream_rng(seed, _FAMILIES_STREAM)
+    rng = stream_rng(seed, _FAMILIES_STREAM)
     skill_count = len(taxonomy.esco_skill_ids())
     permutation = rng.permutation(skill_count).astype(np.int32)
     in_families = _FAMILY_COUNT * _FAMILY_SIZE
@@ -258,7 +258,7 @@ def _jitter(rng: np.random.Generator, latitude: np.ndarray, longitude: np.ndarra
 @functools.lru_cache(maxsize=8)
 def _employers(seed: int) -> _Employers:
     """A fixed pool of establishments (SIRET + address) shared by the offers, as in real job boards."""
-    rng = _stream_rng(seed, _EMPLOYERS_STREAM)
+    rng = stream_rng(seed, _EMPLOYERS_STREAM)
     cities = _cities()
     siren_bodies = rng.integers(10_000_000, 100_000_000, size=_EMPLOYER_COUNT)
     # 356000000 is La Poste, whose SIRETs follow another rule: keep clear of it.
@@ -403,10 +403,10 @@ def _emails(first_slug: pa.Array, last_slug: pa.Array, numbers: np.ndarray, doma
 
 def _candidate_block(seed: int, block: int, reference_date: datetime.date) -> pa.RecordBatch:
     """The ``RNG_BLOCK_ROWS`` candidates of one block: always a whole block, so rows never shift."""
-    rng = _stream_rng(seed, _CANDIDATES_STREAM, block)
+    rng = stream_rng(seed, _CANDIDATES_STREAM, block)
     n = RNG_BLOCK_ROWS
     numbers = np.arange(block * n + 1, (block + 1) * n + 1)
-    names, cities = _names(), _cities()
+    names, cities = person_names(), _cities()
     first = pa.array(rng.integers(len(names.first), size=n))
     last = pa.array(rng.integers(len(names.last), size=n))
     domain = pc.take(pa.array(_EMAIL_DOMAINS), pa.array(rng.choice(len(_EMAIL_DOMAINS), size=n, p=(0.5, 0.3, 0.2))))
@@ -438,7 +438,7 @@ def _candidate_block(seed: int, block: int, reference_date: datetime.date) -> pa
 
 def _offer_block(seed: int, block: int) -> pa.RecordBatch:
     """The ``RNG_BLOCK_ROWS`` offers of one block (see ``_candidate_block``)."""
-    rng = _stream_rng(seed, _OFFERS_STREAM, block)
+    rng = stream_rng(seed, _OFFERS_STREAM, block)
     n = RNG_BLOCK_ROWS
     numbers = np.arange(block * n + 1, (block + 1) * n + 1)
     families, employers, cities = _job_families(seed), _employers(seed), _cities()
@@ -561,7 +561,7 @@ def _check_reference_date(value) -> None:
                           f'(on the command line: --reference-date YYYY-MM-DD).')
 
 
-def _check_formats(formats) -> tuple[str, ...]:
+def check_formats(formats) -> tuple[str, ...]:
     """The requested formats, de-duplicated in order; a single string counts as one format."""
     if isinstance(formats, str):
         formats = (formats,)
@@ -572,7 +572,7 @@ def _check_formats(formats) -> tuple[str, ...]:
     return formats
 
 
-def _check_output_dir(value) -> None:
+def check_output_dir(value) -> None:
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         raise ConfigError(f'output_dir={value!r} is not allowed: give a local directory or a gs:// path.')
     if '://' in str(value) and not str(value).startswith('gs://'):
@@ -704,18 +704,20 @@ def output_path(output_dir: str, dataset: str, file_format: str) -> str:
     return FileSystems.join(output_dir, f'{dataset}.{file_format}')
 
 
-def _write_dataset(batches: Iterator[pa.RecordBatch], paths: dict[str, str], schema: schemas.RecordSchema,
-                   seed: int, chunk_rows: int) -> None:
+def write_dataset(batches: Iterator[pa.RecordBatch], paths: dict[str, str], schema: schemas.RecordSchema,
+                   seed: int, chunk_rows: int) -> int:
     """Write every batch to every format in one pass, then publish the files by renaming them.
 
     Files are written through Beam's FileSystems, so a local directory and ``gs://`` behave alike.
+    Returns the number of rows written.
     """
-    handles, sinks = [], []
+    handles, sinks, rows = [], [], 0
     try:
         for file_format, path in paths.items():
             handles.append(FileSystems.create(path + _PARTIAL_SUFFIX, compression_type=CompressionTypes.UNCOMPRESSED))
             sinks.append(_SINKS[file_format](handles[-1], schema, seed, chunk_rows))
         for batch in batches:
+            rows += batch.num_rows
             for sink in sinks:
                 sink.write(batch)
         while sinks:
@@ -735,17 +737,19 @@ def _write_dataset(batches: Iterator[pa.RecordBatch], paths: dict[str, str], sch
         if FileSystems.exists(path):  # object stores do not replace on rename
             FileSystems.delete([path])
         FileSystems.rename([path + _PARTIAL_SUFFIX], [path])
+    return rows
 
 
 def generate(output_dir: str, *, candidates: int, offers: int, seed: int = DEFAULT_SEED,
              formats: Sequence[str] = ('parquet',), reference_date: datetime.date = DEFAULT_REFERENCE_DATE,
-             chunk_rows: int = DEFAULT_CHUNK_ROWS) -> dict[str, dict[str, str]]:
+             chunk_rows: int = DEFAULT_CHUNK_ROWS, rows: dict | None = None) -> dict[str, dict[str, str]]:
     """Write ``candidates`` and ``offers`` rows in each format; return {dataset: {format: path}}.
 
-    Counts may be 0 (an empty file with its header or schema: useful to test empty inputs).
+    Counts may be 0 (an empty file with its header or schema: useful to test empty inputs). ``rows``,
+    if given, receives the number of rows of each dataset.
     """
-    _check_output_dir(output_dir)
-    formats = _check_formats(formats)
+    check_output_dir(output_dir)
+    formats = check_formats(formats)
     candidate_batches = candidate_chunks(candidates, seed=seed, reference_date=reference_date,
                                          chunk_rows=chunk_rows)
     offer_batches = offer_chunks(offers, seed=seed, chunk_rows=chunk_rows)
@@ -753,7 +757,9 @@ def generate(output_dir: str, *, candidates: int, offers: int, seed: int = DEFAU
     for dataset, schema, batches in (('candidates', schemas.CANDIDATES, candidate_batches),
                                      ('offers', schemas.OFFERS, offer_batches)):
         paths = {f: output_path(str(output_dir), dataset, f) for f in formats}
-        _write_dataset(batches, paths, schema, seed, chunk_rows)
+        count = write_dataset(batches, paths, schema, seed, chunk_rows)
+        if rows is not None:
+            rows[dataset] = count
         written[dataset] = paths
     return written
 
@@ -772,8 +778,11 @@ def _iso_date(text: str) -> datetime.date:
 def build_parser(prog: str = 'hrbatch generate') -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split('\n\n')[0])
     parser.add_argument('--output', required=True, help='Local directory or gs:// prefix to write the files into.')
-    parser.add_argument('--candidates', type=int, required=True, help='Number of candidates.')
-    parser.add_argument('--offers', type=int, required=True, help='Number of job offers.')
+    parser.add_argument('--candidates', type=int, help='Number of candidates (with --offers).')
+    parser.add_argument('--offers', type=int, help='Number of job offers (with --candidates).')
+    parser.add_argument('--employees', type=int,
+                        help='Number of employees: writes the payroll datasets (pipelines/generate_payroll.py).')
+    parser.add_argument('--period', default='2026-11', help='Month of the payroll variable elements (default %(default)s).')
     parser.add_argument('--seed', type=int, default=DEFAULT_SEED, help='Random seed (default %(default)s).')
     parser.add_argument('--format', dest='formats', action='append', choices=FORMATS + ('all',),
                         help='Output format, repeatable; "all" for the four (default parquet).')
@@ -794,15 +803,27 @@ def _expand_formats(requested: list[str] | None) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """``hrbatch generate``: write the files and print one line each (path, rows, bytes; no data)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    matching_data = args.candidates is not None or args.offers is not None
+    if matching_data and (args.candidates is None or args.offers is None):
+        parser.error('--candidates and --offers go together')
+    if not matching_data and args.employees is None:
+        parser.error('give --candidates and --offers, or --employees, or both')
+    written, rows = {}, {}
     try:
-        written = generate(args.output, candidates=args.candidates, offers=args.offers, seed=args.seed,
-                           formats=_expand_formats(args.formats), reference_date=args.reference_date,
-                           chunk_rows=args.chunk_rows)
+        if matching_data:
+            written.update(generate(args.output, candidates=args.candidates, offers=args.offers, seed=args.seed,
+                                    formats=_expand_formats(args.formats), reference_date=args.reference_date,
+                                    chunk_rows=args.chunk_rows, rows=rows))
+        if args.employees is not None:
+            from pipelines import generate_payroll
+            written.update(generate_payroll.generate_payroll(
+                args.output, employees=args.employees, period=args.period, seed=args.seed,
+                formats=_expand_formats(args.formats), chunk_rows=args.chunk_rows, rows=rows))
     except ConfigError as err:
         print(f'hrbatch generate: error: {err}', file=sys.stderr)
         return 2
-    rows = {'candidates': args.candidates, 'offers': args.offers}
     for dataset, paths in written.items():
         for path in paths.values():
             size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
