@@ -123,11 +123,13 @@ def _write_conf(home: pathlib.Path, state: pathlib.Path, cluster: Cluster) -> pa
                        'jobmanager.rpc.port': cluster.rpc_port,
                        'taskmanager.numberOfTaskSlots': cluster.slots,
                        'parallelism.default': cluster.slots,
-                       # A Beam pipeline becomes one Flink job with many shuffles: each task gate
-                       # needs its network buffers at once (512 for matching at parallelism 2), more
-                       # than Flink's default share of a small TaskManager (4096 in all, 503 free).
+                       # A Beam pipeline becomes one Flink job with many shuffles, and each batch
+                       # shuffle reader asks for sort-shuffle.min-buffers network buffers (512 by
+                       # default) at once: more than a small TaskManager has free ("Insufficient
+                       # number of network buffers"). 64 each, in 256 MiB of network memory.
                        'taskmanager.memory.process.size': '2048m',
                        'taskmanager.memory.network.min': '256mb', 'taskmanager.memory.network.max': '256mb',
+                       'taskmanager.network.sort-shuffle.min-buffers': 64,
                        'env.pid.dir': str(state), 'env.log.dir': str(state / 'log')}.items():
         _set(config, key, value)
     config_path.write_text(yaml.safe_dump(config, sort_keys=True), encoding='utf-8')

@@ -13,7 +13,10 @@ import pytest
 
 from pipelines import generate
 from pipelines import flink
+from pipelines import generate_payroll
 from pipelines import matching
+from pipelines import payroll
+from transforms.keyed_write import read_parquet_dataset
 from transforms.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
@@ -31,6 +34,20 @@ def data(tmp_path_factory):
 @pytest.fixture(scope='module')
 def local_result(tmp_path_factory, data):
     return _run_matching(tmp_path_factory.mktemp('local') / 'out', data)
+
+
+@pytest.fixture(scope='module')
+def payroll_data(tmp_path_factory):
+    directory = tmp_path_factory.mktemp('payroll_data')
+    generate_payroll.generate_payroll(str(directory), employees=700, period='2026-11', seed=3)
+    return directory
+
+
+def _run_payroll(output, data, *beam_args):
+    args = ['--period', '2026-11', '--output', str(output), '--buckets', '8']
+    for name in generate_payroll.DATASETS:
+        args += [f'--{name}', str(data / f'{name}.parquet')]
+    return output, payroll.run(args + list(beam_args))
 
 
 def _run_matching(output, data, *beam_args):
@@ -75,6 +92,19 @@ def test_flink_cluster_runs_matching_with_the_local_results(tmp_path, data, loca
     assert after['jobs-finished'] == before['jobs-finished'] + 1
     assert after['jobs-failed'] == before['jobs-failed'] == 0
     assert after['taskmanagers'] == 1 and after['slots-total'] == 2
+
+
+def test_flink_cluster_runs_payroll_with_the_local_results(tmp_path, payroll_data, flink_cluster):
+    local_output, local_summary = _run_payroll(tmp_path / 'local', payroll_data)
+    output, summary = _run_payroll(tmp_path / 'flink', payroll_data, *flink_cluster.beam_args())
+    for name in ('payslips', 'payslip_lines', 'controls'):
+        assert _files(output / name) == _files(local_output / name) != []
+        _, mismatch, errors = filecmp.cmpfiles(local_output / name, output / name, _files(local_output / name),
+                                               shallow=False)
+        assert mismatch == errors == [], name
+    counts = ('employees_read', 'contracts_read', 'employees_paid', 'employees_without_contract', 'dead_letters')
+    assert {k: summary[k] for k in counts} == {k: local_summary[k] for k in counts}
+    assert summary['employees_paid'] == read_parquet_dataset(str(output / 'payslips')).num_rows > 600
 
 
 def test_hrbatch_flink_status_reports_the_cluster_and_how_to_submit(flink_cluster, capsys):
