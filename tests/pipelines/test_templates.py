@@ -17,6 +17,7 @@ import pytest
 from google.cloud import dataflow_v1beta3
 
 from pipelines import generate
+from pipelines import generate_payroll
 from pipelines import matching
 from pipelines import registry
 from pipelines import templates
@@ -32,14 +33,24 @@ DATAFLOW = ['--runner=DataflowRunner', '--project=hrbatch-test', '--region=europ
 def data(tmp_path_factory):
     directory = tmp_path_factory.mktemp('data')
     generate.generate(str(directory), candidates=60, offers=5, seed=3, formats=('parquet',))
+    generate_payroll.generate_payroll(str(directory), employees=50, period='2026-11', seed=3)
     return directory
+
+
+# Steps each pipeline's Dataflow job must contain: its reads, its compute and its writes.
+STEPS = {
+    'matching': ('ReadOffers', 'ScoreTasks', 'WriteParquet', 'WriteDatabase', 'WriteDeadLetters'),
+    'payroll': ('ReadEmployees', 'ReadContracts', 'PayBuckets', 'WritePayslips', 'WritePayslipsToDatabase',
+                'WriteControls', 'WriteDeadLetters'),
+}
 
 
 def _string_parameters(name, data, output):
     """Every parameter of template ``name`` as the string a launcher passes: required ones set, the
     others at their default text (so each option's default goes through its own parser)."""
     required = {'candidates': str(data / 'candidates.parquet'), 'offers': str(data / 'offers.parquet'),
-                'output': str(output)}
+                'output': str(output), 'period': '2026-11',
+                **{name: str(data / f'{name}.parquet') for name in generate_payroll.DATASETS}}
     parameters = {}
     for option in registry.load(name).OPTIONS:
         if option.required:
@@ -83,30 +94,34 @@ def test_every_text_a_template_form_accepts_parses_as_the_option_type():
     assert checked > 10
 
 
-def test_template_parameters_given_as_strings_build_the_dataflow_job(tmp_path, data):
+@pytest.mark.parametrize('name', sorted(registry.PIPELINES))
+def test_template_parameters_given_as_strings_build_the_dataflow_job(tmp_path, data, name):
     """What the launcher passes, strings only, through the image's entry point, on a dry run."""
-    parameters = _string_parameters('matching', data, tmp_path / 'out')
+    assert set(STEPS) == set(registry.PIPELINES)
+    parameters = _string_parameters(name, data, tmp_path / 'out')
     argv = [f'--{k}={v}' for k, v in parameters.items()] + ['--force=false', '--resume=false']
-    name, launch_args = templates.launch_argv(
+    launched, launch_args = templates.launch_argv(
         argv + DATAFLOW + ['--dry_run=True', '--temp_location=gs://hrbatch-test/tmp'],
-        {templates.PIPELINE_ENV: 'matching', templates.IMAGE_ENV: IMAGE})
-    assert name == 'matching'
+        {templates.PIPELINE_ENV: name, templates.IMAGE_ENV: IMAGE})
+    assert launched == name
     assert '--sdk_location=container' in launch_args and f'--sdk_container_image={IMAGE}' in launch_args
-    summary = matching.run(launch_args)
+    summary = registry.load(name).run(launch_args)
     assert summary['described'] is True
     job = summary['job']
     assert json.loads(job.json())['type'] == 'JOB_TYPE_BATCH'
     steps = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
-    for step in ('ReadOffers', 'ScoreTasks', 'WriteParquet', 'WriteDatabase', 'WriteDeadLetters'):
+    for step in STEPS[name]:
         assert step in steps, step
     environments = job.proto_pipeline.components.environments.values()
     assert any(env.urn == 'beam:env:docker:v1' and IMAGE.encode() in env.payload for env in environments)
-    # Only described: nothing ran, so no output and no ledger entry that would stay "running" (the
-    # matches table is created at construction, so that a database problem shows at launch).
-    assert not (tmp_path / 'out' / 'matches').exists()
+    # Only described: nothing ran, so no Parquet output and no ledger entry that would stay "running"
+    # (SQL tables are created at construction, so that a database problem shows at launch).
+    assert not list((tmp_path / 'out').glob('*/*.parquet')) and not list((tmp_path / 'out').glob('*/*/*.parquet'))
     with sqlite3.connect(tmp_path / 'out' / 'hrbatch.db') as db:
-        assert {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} == {'matches'}
-        assert db.execute('SELECT COUNT(*) FROM matches').fetchone() == (0,)
+        tables = {table for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert tables and not tables & {'hrbatch_runs', 'hrbatch_audit'}
+        for table in tables:
+            assert db.execute(f'SELECT COUNT(*) FROM "{table}"').fetchone() == (0,)
 
 
 def test_a_bad_parameter_string_fails_at_launch_with_the_option_named(tmp_path, data):
