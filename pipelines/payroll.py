@@ -180,8 +180,8 @@ class _PayBucketFn(beam.DoFn):
         yield from lines.to_batches()
         for batch in totals.to_batches():
             yield beam.pvalue.TaggedOutput(_TOTALS, batch)
-        for item in _control_items(lines, totals):
-            yield beam.pvalue.TaggedOutput(_CONTROLS, item)
+        for site_vector in _control_vectors(lines, totals, control_items(self._rules)):
+            yield beam.pvalue.TaggedOutput(_CONTROLS, site_vector)
 
 
 def _table(batches: list, schema: schemas.RecordSchema) -> pa.Table:
@@ -189,29 +189,47 @@ def _table(batches: list, schema: schemas.RecordSchema) -> pa.Table:
     return pa.Table.from_batches([b.select(target.names) for b in batches], schema=target)
 
 
-def _control_items(lines: pa.Table, totals: pa.Table):
-    """((establishment, item), amount) partial sums of one bucket."""
+def control_items(rules: PayrollRules) -> tuple[str, ...]:
+    """The control totals of an establishment, in a fixed order: counts and totals, then every rubric."""
+    rubrics = [c.rubric for c in rules.contributions]
+    return ('headcount', *(name.removesuffix('_cents') for name in _CONTROL_TOTALS),
+            *(f'{side}:{rubric}' for rubric in rubrics for side in ('employee', 'employer')))
+
+
+def _control_vectors(lines: pa.Table, totals: pa.Table, items: tuple[str, ...]):
+    """(establishment, int64 vector of ``items``): the partial sums of one bucket, one per establishment."""
+    index = {item: i for i, item in enumerate(items)}
     by_site = totals.group_by('establishment_siret').aggregate(
         [('employee_id', 'count')] + [(name, 'sum') for name in _CONTROL_TOTALS])
+    vectors = {}
     for row in by_site.to_pylist():
-        site = row['establishment_siret']
-        yield (site, 'headcount'), row['employee_id_count']
-        for name in _CONTROL_TOTALS:
-            yield (site, name.removesuffix('_cents')), row[f'{name}_sum']
+        vector = np.zeros(len(items), dtype=np.int64)
+        vector[0] = row['employee_id_count']
+        for i, name in enumerate(_CONTROL_TOTALS, start=1):
+            vector[i] = row[f'{name}_sum']
+        vectors[row['establishment_siret']] = vector
     sited = lines.join(totals.select(['employee_id', 'establishment_siret']), 'employee_id')
     contributions = sited.filter(pc.equal(sited.column('kind'), 'contribution'))
     by_rubric = contributions.group_by(['establishment_siret', 'rubric']).aggregate(
         [('employee_cents', 'sum'), ('employer_cents', 'sum')])
     for row in by_rubric.to_pylist():
-        yield (row['establishment_siret'], f'employee:{row["rubric"]}'), row['employee_cents_sum']
-        yield (row['establishment_siret'], f'employer:{row["rubric"]}'), row['employer_cents_sum']
+        vector = vectors[row['establishment_siret']]
+        vector[index[f'employee:{row["rubric"]}']] += row['employee_cents_sum']
+        vector[index[f'employer:{row["rubric"]}']] += row['employer_cents_sum']
+    return vectors.items()
 
 
-def _controls_batch(items: list, period: str) -> pa.RecordBatch:
-    items = sorted(items)
+def _sum_vectors(vectors) -> np.ndarray:
+    return np.sum(list(vectors), axis=0)
+
+
+def _controls_batch(sums: list, period: str, items: tuple[str, ...]) -> pa.RecordBatch:
+    sums = sorted(sums, key=lambda pair: pair[0])
+    n = len(items)
     return pa.RecordBatch.from_pydict({
-        'establishment_siret': [site for (site, _), _ in items], 'period': [period] * len(items),
-        'item': [item for (_, item), _ in items], 'value': [int(value) for _, value in items],
+        'establishment_siret': [site for site, _ in sums for _ in range(n)], 'period': [period] * (n * len(sums)),
+        'item': list(items) * len(sums),
+        'value': np.concatenate([vector for _, vector in sums]) if sums else np.zeros(0, dtype=np.int64),
     }, schema=schemas.PAYROLL_CONTROLS.arrow_schema())
 
 
@@ -242,9 +260,9 @@ def build(pipeline: beam.Pipeline, config: PayrollConfig, store=None) -> dict:
         .with_outputs(_TOTALS, _CONTROLS, _DEAD_LETTERS, main='lines'))
     controls = (
         paid[_CONTROLS]
-        | 'SumControls' >> beam.CombinePerKey(sum)
+        | 'SumControls' >> beam.CombinePerKey(_sum_vectors)
         | 'AllControls' >> beam.combiners.ToList()
-        | 'ControlsBatch' >> beam.Map(_controls_batch, config.period))
+        | 'ControlsBatch' >> beam.Map(_controls_batch, config.period, control_items(PayrollRules.for_period(config.period))))
     outputs = {'payslip_lines': (schemas.PAYSLIP_LINES, paid.lines), 'payslips': (schemas.PAYSLIPS, paid[_TOTALS]),
                'controls': (schemas.PAYROLL_CONTROLS, controls)}
     for name, (schema, batches) in outputs.items():

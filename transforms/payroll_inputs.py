@@ -65,8 +65,11 @@ def _ids(table: pa.Table) -> list[str]:
     return table.column('employee_id').to_pylist()
 
 
-def _duplicates(ids: list[str]) -> set[str]:
-    return {k for k, n in collections.Counter(ids).items() if n > 1}
+def _duplicates(ids: pa.Array) -> set[str]:
+    if not len(ids):
+        return set()
+    counts = pc.value_counts(ids)
+    return set(counts.field('values').filter(pc.greater(counts.field('counts'), 1)).to_pylist())
 
 
 def _contract_reason(rows: list[dict]) -> str:
@@ -95,17 +98,23 @@ def assemble(period: str, employees: pa.Table, contracts: pa.Table, variables: p
 
     for employee_id, why in sorted(blocked.items()):
         refuse(employee_id, why)
-    for employee_id in sorted(_duplicates(_ids(employees))):
+    for employee_id in sorted(_duplicates(employees.column('employee_id'))):
         refuse(employee_id, 'the employee record appears more than once')
     for name, table in (('variable elements', variables), ('withholding rate', rates)):
-        for employee_id in sorted(_duplicates(_ids(table))):
+        for employee_id in sorted(_duplicates(table.column('employee_id'))):
             refuse(employee_id, f'more than one {name} row for {period}')
 
-    known = set(_ids(employees))
+    known_ids = employees.column('employee_id')
+    known = set(known_ids.to_pylist())
     month = contracts_in_month(contracts, period)
-    by_employee = collections.defaultdict(list)
-    for row in month.select(['employee_id', 'contract_id', 'establishment_siret', 'start_date',
-                             'end_date']).to_pylist():
+    month_ids = month.column('employee_id')
+    several = _duplicates(month_ids)
+    unknown = pc.invert(pc.is_in(month_ids, known_ids))
+    no_site = pc.invert(pc.is_in(month.column('establishment_siret'), establishments.column('establishment_siret')))
+    suspect = pc.or_(pc.or_(unknown, no_site), pc.is_in(month_ids, pa.array(sorted(several), pa.string())))
+    by_employee = collections.defaultdict(list)  # only the few employees with a problem, as Python rows
+    for row in month.filter(suspect).select(['employee_id', 'contract_id', 'establishment_siret', 'start_date',
+                                             'end_date']).to_pylist():
         by_employee[row['employee_id']].append(row)
     sites = set(establishments.column('establishment_siret').to_pylist())
     for employee_id, rows in sorted(by_employee.items()):
@@ -117,12 +126,13 @@ def assemble(period: str, employees: pa.Table, contracts: pa.Table, variables: p
         elif rows[0]['establishment_siret'] not in sites:
             refuse(employee_id, f'establishment {rows[0]["establishment_siret"]} of contract '
                    f'{rows[0]["contract_id"]} is not in the establishments input', contracts=rows)
+    with_contract = set(month_ids.to_pylist())
     for name, table in (('variable elements', variables), ('a withholding rate', rates)):
-        for employee_id in sorted(set(_ids(table)) - set(by_employee)):
+        for employee_id in sorted(set(_ids(table)) - with_contract):
             refuse(employee_id, f'{name} for {period} but no contract in {period}'
                    + ('' if employee_id in known else ' and no employee record'))
 
-    payable = pa.array(sorted(set(by_employee) - set(letters)), pa.string())
+    payable = pa.array(sorted(with_contract - set(letters)), pa.string())
     employees = employees.filter(pc.is_in(employees.column('employee_id'), payable))
     month = month.filter(pc.is_in(month.column('employee_id'), payable))
     joined = (month.select(['employee_id', 'establishment_siret', 'weekly_hours', 'monthly_salary', 'presence_days'])
@@ -141,5 +151,5 @@ def assemble(period: str, employees: pa.Table, contracts: pa.Table, variables: p
                           joined.column('unpaid_absence_hours').fill_null(0.0))
               .append_column('days_in_month', pa.array(np.full(n, days, dtype=np.int64))))
     ordered = joined.select(payslips.MONTH_INPUT.names).cast(payslips.MONTH_INPUT).sort_by('employee_id')
-    without_contract = len(known - set(by_employee) - set(letters))
+    without_contract = len(known - with_contract - set(letters))
     return Assembled(ordered, [letters[k] for k in sorted(letters)], without_contract)

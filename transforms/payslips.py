@@ -106,40 +106,51 @@ def _establishment_ppm(rubric: str, month: dict) -> np.ndarray:
 
 
 class _Lines:
-    """Payslip lines gathered rubric by rubric (one vectorised block each), then concatenated."""
+    """Payslip lines gathered rubric by rubric (one vectorised block each), assembled once at the end:
+    numbers concatenated with numpy, strings taken once per column (no Python object per line)."""
+
+    _NUMBERS = (('base_cents', np.int64), ('hours', np.float64), ('employee_rate', np.float64),
+                ('employer_rate', np.float64), ('employee_cents', np.int64), ('employer_cents', np.int64))
 
     def __init__(self, employee_ids: pa.Array, period: str):
         self._ids, self._period, self._blocks = employee_ids, period, []
-        self._position = 0  # a rubric's line number is its place in the rule order, whoever has it
+        self._texts = []  # (rubric, kind, label) of each line position, in rule order
 
     def add(self, mask, rubric, kind, label, *, employee, employer=0, base=None, hours=None,
             employee_rate=None, employer_rate=None):
         n = len(self._ids)
+        position = len(self._texts)  # a rubric's line number is its place in the rule order, whoever has it
+        self._texts.append((rubric, kind, label))
         rows = np.flatnonzero(np.broadcast_to(mask, (n,)))
-        position, self._position = self._position, self._position + 1
         if not len(rows):
             return
-
-        def pick(values, dtype):
-            if values is None:
-                return pa.nulls(len(rows), dtype)
-            return pa.array(np.broadcast_to(np.asarray(values), (n,))[rows], dtype)
-
-        self._blocks.append({
-            'employee_id': self._ids.take(pa.array(rows)), 'period': pa.array([self._period] * len(rows)),
-            'line': pa.array(np.full(len(rows), position, dtype=np.int32)),
-            'rubric': pa.array([rubric] * len(rows)), 'kind': pa.array([kind] * len(rows)),
-            'label': pa.array([label] * len(rows)), 'base_cents': pick(base, pa.int64()),
-            'hours': pick(hours, pa.float64()), 'employee_rate': pick(employee_rate, pa.float64()),
-            'employer_rate': pick(employer_rate, pa.float64()),
-            'employee_cents': pick(employee, pa.int64()), 'employer_cents': pick(employer, pa.int64()),
-        })
+        given = {'base_cents': base, 'hours': hours, 'employee_rate': employee_rate,
+                 'employer_rate': employer_rate, 'employee_cents': employee, 'employer_cents': employer}
+        block = {'rows': rows, 'position': np.full(len(rows), position, dtype=np.int32)}
+        for name, dtype in self._NUMBERS:
+            value = given[name]
+            block[name] = None if value is None else np.broadcast_to(np.asarray(value, dtype=dtype), (n,))[rows]
+        self._blocks.append(block)
 
     def table(self) -> pa.Table:
         if not self._blocks:
             return LINES.empty_table()
-        tables = [pa.table(block, schema=LINES) for block in self._blocks]
-        return pa.concat_tables(tables).sort_by([('employee_id', 'ascending'), ('line', 'ascending')])
+        rows = np.concatenate([b['rows'] for b in self._blocks])
+        position = np.concatenate([b['position'] for b in self._blocks])
+        # By employee (input order, which is sorted), then line: one integer key, unique per line.
+        order = np.argsort(rows.astype(np.int64) * len(self._texts) + position, kind='stable')
+        columns = {'employee_id': self._ids.take(pa.array(rows[order])),
+                   'period': pa.array([self._period]).take(pa.array(np.zeros(len(order), dtype=np.int32))),
+                   'line': pa.array(position[order])}
+        by_position = pa.array(position[order])
+        for index, name in enumerate(('rubric', 'kind', 'label')):
+            columns[name] = pa.array([texts[index] for texts in self._texts]).take(by_position)
+        for name, dtype in self._NUMBERS:
+            parts = [b[name] if b[name] is not None else np.zeros(len(b['rows']), dtype=dtype) for b in self._blocks]
+            valid = [np.full(len(b['rows']), b[name] is not None) for b in self._blocks]
+            mask = ~np.concatenate(valid)[order]
+            columns[name] = pa.array(np.concatenate(parts)[order], mask=mask if mask.any() else None)
+        return pa.table(columns, schema=LINES)
 
 
 def compute(month: pa.Table, rules: PayrollRules) -> tuple[pa.Table, pa.Table]:

@@ -212,3 +212,34 @@ def test_can_cast_tells_missing_cast_kernels():
     assert validation.can_cast(pa.null(), pa.list_(pa.string()))
     assert not validation.can_cast(pa.list_(pa.string()), pa.float64())
     assert not validation.can_cast(pa.string(), pa.list_(pa.string()))
+
+
+def test_vectorised_nir_check_agrees_with_python_stdnum():
+    import random
+    from stdnum.fr import nir
+    rng = random.Random(7)
+    values = []
+    for _ in range(3000):
+        body = ''.join(rng.choice('0123456789') for _ in range(13))
+        if rng.random() < 0.1:
+            body = body[:5] + rng.choice(['2A', '2B']) + body[7:]
+        key = 97 - int(body.replace('2A', '19', 1) if body[5:7] == '2A' else
+                       body[:5] + '18' + body[7:] if body[5:7] == '2B' else body) % 97
+        value = body + f'{key:02d}'
+        roll = rng.random()
+        if roll < 0.3:                       # a wrong key
+            value = value[:13] + f'{(key + rng.randint(1, 96)) % 100:02d}'
+        elif roll < 0.35:                    # separators and lower case: stdnum's compact() accepts them
+            value = value[:1] + ' ' + value[1:5] + '.' + value[5:].lower()
+        elif roll < 0.4:                     # a wrong length
+            value = value[:rng.randint(0, 16)]
+        elif roll < 0.42:
+            value = value[:6] + 'X' + value[7:]
+        values.append(value)
+    values += ['2A', '', '123456789012345678', '185057800608436', '1850578006084 36']
+    expected = [nir.is_valid(v) for v in values]
+    assert 0 < sum(expected) < len(values)
+    got = schemas.is_valid_nir(pa.array(values + [None])[:-1])
+    assert got.tolist() == expected
+    chunked = pa.chunked_array([pa.array(values[:100]), pa.array(values[100:])])
+    assert schemas.is_valid_nir(chunked.combine_chunks()).tolist() == expected
