@@ -14,8 +14,10 @@ SQL database. An employee who cannot be paid correctly (see ``transforms.payroll
 payslip and a dead letter naming the employee key; every other employee is paid.
 
 Scaling: every record of an employee is routed to one hash bucket of ``employee_id``
-(``--buckets``); a bucket is joined and computed at once on Arrow tables, and buckets run in
-parallel. Establishments are a side input.
+(``--buckets``); a bucket is joined and computed at once on Arrow tables, buckets run in parallel,
+and each bucket is exactly one Parquet partition of the payslips and of their lines, written by the
+step that computed it (no second shuffle of the 20-odd lines per payslip). Establishments are a
+side input.
 
 Not implemented yet (see the closing notes): the RGDU's yearly progressive regularisation (the
 reduction is computed on the month alone), several successive contracts in one month, the reduced
@@ -48,8 +50,11 @@ from transforms import payslips
 from transforms import schemas
 from transforms.dead_letters import METRICS_NAMESPACE
 from transforms.dead_letters import WriteDeadLetters
-from transforms.deduplicate import stable_buckets
 from transforms.keyed_write import WriteKeyed
+from transforms.keyed_write import WritePartitions
+from transforms.keyed_write import bucket_dir
+from transforms.keyed_write import bucket_numbers
+from transforms.keyed_write import bucket_of
 from transforms.payroll_rules import PayrollRules
 from transforms.read import ReadRecords
 
@@ -82,10 +87,8 @@ OPTIONS = (
                 required=True),
     opts.Option('database', 'Where payslips are upserted: sqlite:///PATH, postgresql://..., or "none". '
                 'Default: sqlite:///OUTPUT/hrbatch.db for a local output, none for gs://.'),
-    opts.Option('buckets', 'Hash buckets of employee_id: the unit of parallel work.', type='int', default=64,
-                min_value=1, max_value=100_000),
-    opts.Option('partition_buckets', 'Number of Parquet partitions (hash buckets of employee_id).', type='int',
-                default=16, min_value=1, max_value=100_000),
+    opts.Option('buckets', 'Hash buckets of employee_id: the unit of parallel work, and the Parquet partitions '
+                'of the payslips.', type='int', default=64, min_value=1, max_value=100_000),
 ) + lifecycle.LIFECYCLE_OPTIONS
 
 
@@ -96,7 +99,6 @@ class PayrollConfig:
     output: str
     database: str | None
     buckets: int
-    partition_buckets: int
     run_id: str
 
     def path(self, name: str) -> str:
@@ -108,7 +110,7 @@ class PayrollConfig:
         inputs = {name: values[name] for name in (*_BY_EMPLOYEE, 'establishments')}
         return cls(period=values['period'], inputs=inputs, output=values['output'],
                    database=lifecycle.database_target(values['database'], values['output']),
-                   buckets=values['buckets'], partition_buckets=values['partition_buckets'], run_id=run_id)
+                   buckets=values['buckets'], run_id=run_id)
 
 
 def _of_period(batch: pa.RecordBatch, period: str) -> pa.RecordBatch:
@@ -124,7 +126,7 @@ class _SplitByEmployeeFn(beam.DoFn):
     def process(self, batch: pa.RecordBatch):
         if not batch.num_rows:
             return
-        buckets = stable_buckets(batch.column('employee_id'), self._buckets)
+        buckets = bucket_numbers(batch.column('employee_id'), self._buckets)
         order = np.argsort(buckets, kind='stable')
         bounds = np.searchsorted(buckets[order], np.arange(self._buckets + 1))
         for bucket in np.flatnonzero(np.diff(bounds)):
@@ -143,7 +145,7 @@ def _blocked_employee(letter, buckets: int):
         return []
     # The step only: the read error quotes the rejected value, which may be the NIR.
     reason = f'one of its records was rejected at {letter.step} (see that dead letter)'
-    bucket = int(stable_buckets(pa.array([employee_id]), buckets)[0])
+    bucket = bucket_of(employee_id, buckets)
     return [(bucket, (_BLOCKED, (employee_id, reason)))]
 
 
@@ -159,7 +161,7 @@ class _PayBucketFn(beam.DoFn):
         self._rules = PayrollRules.for_period(self._period)
 
     def process(self, element, establishments):
-        _, items = element
+        bucket, items = element
         parts, blocked = collections.defaultdict(list), {}
         for name, value in items:
             if name == _BLOCKED:
@@ -177,9 +179,10 @@ class _PayBucketFn(beam.DoFn):
             return
         lines, totals = payslips.compute(assembled.month, self._rules)
         self._paid.inc(totals.num_rows)
-        yield from lines.to_batches()
-        for batch in totals.to_batches():
-            yield beam.pvalue.TaggedOutput(_TOTALS, batch)
+        # A bucket is exactly one Parquet partition of each output: written as it is, no shuffle.
+        partition = bucket_dir('employee_id', bucket)
+        yield partition, lines
+        yield beam.pvalue.TaggedOutput(_TOTALS, (partition, totals))
         for site_vector in _control_vectors(lines, totals, control_items(self._rules)):
             yield beam.pvalue.TaggedOutput(_CONTROLS, site_vector)
 
@@ -263,15 +266,17 @@ def build(pipeline: beam.Pipeline, config: PayrollConfig, store=None) -> dict:
         | 'SumControls' >> beam.CombinePerKey(_sum_vectors)
         | 'AllControls' >> beam.combiners.ToList()
         | 'ControlsBatch' >> beam.Map(_controls_batch, config.period, control_items(PayrollRules.for_period(config.period))))
-    outputs = {'payslip_lines': (schemas.PAYSLIP_LINES, paid.lines), 'payslips': (schemas.PAYSLIPS, paid[_TOTALS]),
-               'controls': (schemas.PAYROLL_CONTROLS, controls)}
-    for name, (schema, batches) in outputs.items():
+    for name, schema, partitions in (('payslip_lines', schemas.PAYSLIP_LINES, paid.lines),
+                                     ('payslips', schemas.PAYSLIPS, paid[_TOTALS])):
         label = ''.join(part.title() for part in name.split('_'))
-        partitioned = {} if name == 'controls' else {'partition_by': 'employee_id',
-                                                      'buckets': config.partition_buckets}
-        batches | f'Write{label}' >> WriteKeyed(schema=schema, target=config.path(name), **partitioned)
+        partitions | f'Write{label}' >> WritePartitions(schema=schema, target=config.path(name))
         if config.database:
-            batches | f'Write{label}ToDatabase' >> WriteKeyed(schema=schema, target=config.database)
+            (partitions
+             | f'{label}Batches' >> beam.FlatMap(lambda partition: partition[1].to_batches())
+             | f'Write{label}ToDatabase' >> WriteKeyed(schema=schema, target=config.database))
+    controls | 'WriteControls' >> WriteKeyed(schema=schemas.PAYROLL_CONTROLS, target=config.path('controls'))
+    if config.database:
+        controls | 'WriteControlsToDatabase' >> WriteKeyed(schema=schemas.PAYROLL_CONTROLS, target=config.database)
     dead_letters = (read_letters, sites.dead_letters, paid[_DEAD_LETTERS]) | 'AllDeadLetters' >> beam.Flatten()
     dead_letters | 'WriteDeadLetters' >> WriteDeadLetters(
         output_prefix=FileSystems.join(config.output, 'dead_letters', 'dead_letters'), run_id=config.run_id)

@@ -276,13 +276,27 @@ def bucket_of(text: str, buckets: int) -> int:
     return int.from_bytes(digest, 'big') % buckets
 
 
+def bucket_numbers(values: pa.Array, buckets: int) -> np.ndarray:
+    """``bucket_of`` of every value, hashed once per distinct value: route rows to the partitions
+    ``WriteKeyed(partition_by=..., buckets=...)`` would put them in."""
+    encoded = pc.dictionary_encode(values)
+    per_value = np.array([bucket_of(partition_text(v), buckets) for v in encoded.dictionary.to_pylist()],
+                         dtype=np.int64)
+    return per_value[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def bucket_dir(partition_by: str, bucket: int) -> str:
+    """The directory of bucket number ``bucket`` of ``partition_by`` (see ``partition_dir``)."""
+    return f'{partition_by}_bucket={bucket:0{_BUCKET_DIGITS}d}'
+
+
 def partition_dir(partition_by: str | None, value, buckets: int | None = None) -> str:
     """The directory (relative to the target, '' if unpartitioned) of the partition of ``value``."""
     if partition_by is None:
         return ''
     text = partition_text(value)
     if buckets is not None:
-        return f'{partition_by}_bucket={bucket_of(text, buckets):0{_BUCKET_DIGITS}d}'
+        return bucket_dir(partition_by, bucket_of(text, buckets))
     # safe='' percent-encodes '/', '=' and anything non-ASCII: injective, and one path segment.
     return f'{partition_by}={urllib.parse.quote(text, safe="")}'
 
@@ -1139,6 +1153,8 @@ class _WritePartitionFn(beam.DoFn):
 
     def process(self, element: tuple[str, typing.Iterable[pa.RecordBatch]]) -> typing.Iterator[str]:
         directory, batches = element
+        if isinstance(batches, pa.Table):  # from WritePartitions: not conformed by a split step yet
+            batches = [conform_batch(b, self._schema, keep_dictionaries=True) for b in batches.to_batches()]
         path, rows = write_partition(list(batches), schema=self._schema, target=self._target,
                                      directory=directory, temp_dir=self._temp_dir)
         self._rows.inc(rows)
@@ -1286,18 +1302,35 @@ class WriteKeyed(beam.PTransform):
                 _UpsertFn(self._schema, self._sql, self._table, self._max_batch_rows,
                           retries=self._retries, retry_delay_s=self._retry_delay_s)
             ).with_output_types(int)
-        # One temporary directory per launch: concurrent runs never share one.
-        temp_dir = _join(self._target, f'.tmp-{uuid.uuid4().hex}')
-        written = (
+        return (
             batches
             | 'SplitByPartition' >> beam.ParDo(
                 _SplitByPartitionFn(self._schema, self._partition_by, self._buckets)
             ).with_output_types(typing.Tuple[str, pa.RecordBatch])
             | 'GroupByPartition' >> beam.GroupByKey()
-            | 'WritePartition' >> beam.ParDo(
-                _WritePartitionFn(self._schema, self._target, temp_dir)).with_output_types(str))
+            | 'Publish' >> WritePartitions(schema=self._schema, target=self._target))
+
+
+class WritePartitions(beam.PTransform):
+    """The Parquet half of ``WriteKeyed`` for rows already grouped by partition: takes
+    ``(partition directory, RecordBatches or a Table)``, each directory exactly once, and writes and
+    publishes each as its single file, sorted by key, with no shuffle. For a pipeline that computes
+    its rows partition by partition (route them with ``bucket_numbers``, name them with
+    ``bucket_dir``). Returns the published paths once all are published.
+    """
+
+    def __init__(self, *, schema: RecordSchema, target: str):
+        super().__init__()
+        self._schema = schema
+        self._target = target
+
+    def expand(self, partitions):
+        # One temporary directory per launch: concurrent runs never share one.
+        temp_dir = _join(self._target, f'.tmp-{uuid.uuid4().hex}')
+        written = partitions | 'WritePartition' >> beam.ParDo(
+            _WritePartitionFn(self._schema, self._target, temp_dir)).with_output_types(str)
         return (
-            batches.pipeline
+            partitions.pipeline
             | 'Once' >> beam.Create([None])
             | 'Finalize' >> beam.ParDo(_FinalizeFn(temp_dir), beam.pvalue.AsList(written))
             .with_output_types(str))
