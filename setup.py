@@ -24,6 +24,7 @@ _DIRECT = {
     'python-stdnum': 'python-stdnum',
     'psycopg': 'psycopg[binary]',
     'pyyaml': 'pyyaml',
+    'holidays': 'holidays',
 }
 
 
