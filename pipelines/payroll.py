@@ -28,7 +28,6 @@ maladie and family rates, and the tax and social exemption of overtime.
         --variable_elements in/variable_elements.parquet --withholding_rates in/withholding_rates.parquet \\
         --output out/payroll-2026-11
 """
-import collections
 import dataclasses
 import json
 import logging
@@ -53,10 +52,11 @@ from transforms.dead_letters import WriteDeadLetters
 from transforms.keyed_write import WriteKeyed
 from transforms.keyed_write import WritePartitions
 from transforms.keyed_write import bucket_dir
-from transforms.keyed_write import bucket_numbers
 from transforms.keyed_write import bucket_of
 from transforms.payroll_rules import PayrollRules
 from transforms.read import ReadRecords
+from transforms.routing import SplitByKeyBucket
+from transforms.routing import tagged_tables
 
 NAME = 'payroll'
 _LOGGER = logging.getLogger(__name__)
@@ -117,23 +117,6 @@ def _of_period(batch: pa.RecordBatch, period: str) -> pa.RecordBatch:
     return batch.filter(pc.equal(batch.column('period'), period))
 
 
-class _SplitByEmployeeFn(beam.DoFn):
-    """(bucket, (input name, the batch's rows of that bucket)) for each bucket present in the batch."""
-
-    def __init__(self, name: str, buckets: int):
-        self._name, self._buckets = name, buckets
-
-    def process(self, batch: pa.RecordBatch):
-        if not batch.num_rows:
-            return
-        buckets = bucket_numbers(batch.column('employee_id'), self._buckets)
-        order = np.argsort(buckets, kind='stable')
-        bounds = np.searchsorted(buckets[order], np.arange(self._buckets + 1))
-        for bucket in np.flatnonzero(np.diff(bounds)):
-            rows = pa.array(order[bounds[bucket]:bounds[bucket + 1]])
-            yield int(bucket), (self._name, batch.take(rows))
-
-
 def _blocked_employee(letter, buckets: int):
     """A record rejected at read, routed to its employee's bucket so the employee is not paid."""
     try:
@@ -162,16 +145,16 @@ class _PayBucketFn(beam.DoFn):
 
     def process(self, element, establishments):
         bucket, items = element
-        parts, blocked = collections.defaultdict(list), {}
+        blocked = {}
         for name, value in items:
             if name == _BLOCKED:
                 blocked.setdefault(*value)
-            else:
-                parts[name].append(value)
-        tables = {name: _table(parts[name], schema) for name, (schema, _) in _BY_EMPLOYEE.items()}
+        tables = tagged_tables([item for item in items if item[0] != _BLOCKED],
+                               {name: schema for name, (schema, _) in _BY_EMPLOYEE.items()})
         assembled = payroll_inputs.assemble(
             self._period, tables['employees'], tables['contracts'], tables['variable_elements'],
-            tables['withholding_rates'], _table(establishments, schemas.ESTABLISHMENTS), blocked)
+            tables['withholding_rates'], tagged_tables([('sites', b) for b in establishments],
+                                                       {'sites': schemas.ESTABLISHMENTS})['sites'], blocked)
         self._without_contract.inc(assembled.without_contract)
         for letter in assembled.dead_letters:
             yield beam.pvalue.TaggedOutput(_DEAD_LETTERS, letter)
@@ -185,11 +168,6 @@ class _PayBucketFn(beam.DoFn):
         yield beam.pvalue.TaggedOutput(_TOTALS, (partition, totals))
         for site_vector in _control_vectors(lines, totals, control_items(self._rules)):
             yield beam.pvalue.TaggedOutput(_CONTROLS, site_vector)
-
-
-def _table(batches: list, schema: schemas.RecordSchema) -> pa.Table:
-    target = schema.arrow_schema()
-    return pa.Table.from_batches([b.select(target.names) for b in batches], schema=target)
 
 
 def control_items(rules: PayrollRules) -> tuple[str, ...]:
@@ -249,7 +227,7 @@ def build(pipeline: beam.Pipeline, config: PayrollConfig, store=None) -> dict:
         records = read.records
         if 'period' in schema.names:
             records = records | f'{label}OfPeriod' >> beam.Map(_of_period, config.period)
-        routed.append(records | f'Route{label}' >> beam.ParDo(_SplitByEmployeeFn(name, config.buckets)))
+        routed.append(records | f'Route{label}' >> beam.ParDo(SplitByKeyBucket(name, 'employee_id', config.buckets)))
         rejected.append(read.dead_letters)
     sites = pipeline | 'ReadEstablishments' >> ReadRecords(
         file_pattern=config.inputs['establishments'], schema=schemas.ESTABLISHMENTS, step='ReadEstablishments')

@@ -5,6 +5,7 @@ import types
 PIPELINES = {
     'matching': 'pipelines.matching',
     'payroll': 'pipelines.payroll',
+    'cpf': 'pipelines.cpf',
 }
 
 

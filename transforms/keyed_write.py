@@ -1327,8 +1327,9 @@ class WritePartitions(beam.PTransform):
     def expand(self, partitions):
         # One temporary directory per launch: concurrent runs never share one.
         temp_dir = _join(self._target, f'.tmp-{uuid.uuid4().hex}')
+        # Any input type: a multi-output step's main output is typed as a union with its tagged outputs.
         written = partitions | 'WritePartition' >> beam.ParDo(
-            _WritePartitionFn(self._schema, self._target, temp_dir)).with_output_types(str)
+            _WritePartitionFn(self._schema, self._target, temp_dir)).with_input_types(typing.Any).with_output_types(str)
         return (
             partitions.pipeline
             | 'Once' >> beam.Create([None])

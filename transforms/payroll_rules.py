@@ -97,6 +97,23 @@ class PayrollRules:
                    contributions=contributions, taux_neutre=taux_neutre)
 
 
+CPF_PARAMETERS = ('cpf_annual_credit', 'cpf_cap', 'cpf_low_qualification_credit', 'cpf_low_qualification_cap',
+                  'cpf_reference_hours')
+
+
+def parameters_in_force(names: tuple[str, ...], on: datetime.date, what: str) -> dict:
+    """The value of each parameter in force on ``on`` (its latest row on or before that day)."""
+    found = {}
+    for row in _rows('payroll_parameters.csv'):
+        if row['parameter'] in names and _date(row['effective_from']) <= on:
+            found[row['parameter']] = decimal.Decimal(row['value'])
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise ConfigError(f'no rule for {what}: {", ".join(missing)} has no value in force on {on} '
+                          '(transforms/rules/payroll_parameters.csv)')
+    return found
+
+
 def _rows(name: str) -> list[dict]:
     text = importlib.resources.files('transforms').joinpath('rules', name).read_text(encoding='utf-8')
     rows = list(csv.DictReader(text.splitlines()))

@@ -389,6 +389,50 @@ PAYROLL_CONTROLS = RecordSchema(
 )
 
 
+CPF_COUNTED_ABSENCES = ('maternity', 'paternity', 'adoption', 'parental_presence', 'family_support',
+                        'parental_leave', 'work_accident', 'occupational_disease')
+
+ABSENCES = RecordSchema(
+    name='absences',
+    key=('employee_id', 'year', 'kind'),
+    fields=(
+        Field('employee_id', pa.string()),
+        Field('year', pa.int64(), min_value=2000, max_value=2100),
+        Field('kind', pa.string(), allowed=CPF_COUNTED_ABSENCES + ('sickness', 'unpaid_leave', 'other'),
+              doc='The CPF counts the first eight kinds as worked time.'),
+        Field('hours', pa.float64(), min_value=0.0, max_value=3000.0),
+    ),
+)
+
+CPF_BALANCES = RecordSchema(
+    name='cpf_balances',
+    key=('employee_id',),
+    fields=(
+        Field('employee_id', pa.string()),
+        Field('balance', pa.float64(), min_value=0.0, max_value=100_000.0, doc='EUR on the counter now.'),
+        Field('last_credited_year', pa.int64(), nullable=True, min_value=2015, max_value=2100,
+              doc='The last year already credited: a year up to it is never credited again.'),
+    ),
+)
+
+CPF_CREDITS = RecordSchema(
+    name='cpf_credits',
+    key=('employee_id', 'year'),
+    fields=(
+        Field('employee_id', pa.string()),
+        Field('year', pa.int64()),
+        Field('hours_worked', pa.float64(), doc='Hours paid in the year (payslips).'),
+        Field('hours_absences_counted', pa.float64(), doc='Absences the CPF counts as worked.'),
+        Field('annual_credit_cents', pa.int64(), doc='500 EUR, or 800 EUR below qualification level 3.'),
+        Field('cap_cents', pa.int64()),
+        Field('credit_cents', pa.int64(), doc='What this year adds to the counter, after the cap.'),
+        Field('balance_before_cents', pa.int64()),
+        Field('balance_after_cents', pa.int64()),
+        Field('status', pa.string(), allowed=('credited', 'capped', 'at_cap', 'already_credited', 'no_hours')),
+    ),
+)
+
+
 def to_jsonable(value):
     """A row value (from ``RecordBatch.to_pylist``) as something ``json.dumps`` accepts."""
     if isinstance(value, (datetime.date, datetime.datetime)):

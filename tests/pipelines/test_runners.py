@@ -12,6 +12,7 @@ import sqlite3
 import pytest
 
 from pipelines import generate
+from pipelines import cpf
 from pipelines import flink
 from pipelines import generate_payroll
 from pipelines import matching
@@ -94,17 +95,38 @@ def test_flink_cluster_runs_matching_with_the_local_results(tmp_path, data, loca
     assert after['taskmanagers'] == 1 and after['slots-total'] == 2
 
 
-def test_flink_cluster_runs_payroll_with_the_local_results(tmp_path, payroll_data, flink_cluster):
-    local_output, local_summary = _run_payroll(tmp_path / 'local', payroll_data)
-    output, summary = _run_payroll(tmp_path / 'flink', payroll_data, *flink_cluster.beam_args())
-    for name in ('payslips', 'payslip_lines', 'controls'):
+@pytest.fixture(scope='module')
+def local_payroll(tmp_path_factory, payroll_data):
+    return _run_payroll(tmp_path_factory.mktemp('payroll_local') / 'out', payroll_data)
+
+
+def _assert_same_datasets(output, local_output, names):
+    for name in names:
         assert _files(output / name) == _files(local_output / name) != []
         _, mismatch, errors = filecmp.cmpfiles(local_output / name, output / name, _files(local_output / name),
                                                shallow=False)
         assert mismatch == errors == [], name
+
+
+def test_flink_cluster_runs_payroll_with_the_local_results(tmp_path, payroll_data, local_payroll, flink_cluster):
+    local_output, local_summary = local_payroll
+    output, summary = _run_payroll(tmp_path / 'flink', payroll_data, *flink_cluster.beam_args())
+    _assert_same_datasets(output, local_output, ('payslips', 'payslip_lines', 'controls'))
     counts = ('employees_read', 'contracts_read', 'employees_paid', 'employees_without_contract', 'dead_letters')
     assert {k: summary[k] for k in counts} == {k: local_summary[k] for k in counts}
     assert summary['employees_paid'] == read_parquet_dataset(str(output / 'payslips')).num_rows > 600
+
+
+def test_flink_cluster_runs_cpf_with_the_local_results(tmp_path, payroll_data, local_payroll, flink_cluster):
+    payslips = str(local_payroll[0] / 'payslips' / '*' / 'part-*.parquet')
+
+    def run_cpf(output, *beam_args):
+        return cpf.run(['--year', '2026', '--payslips', payslips, '--employees', str(payroll_data / 'employees.parquet'),
+                        '--output', str(output), '--buckets', '8', *beam_args])
+    local = run_cpf(tmp_path / 'local')
+    on_flink = run_cpf(tmp_path / 'flink', *flink_cluster.beam_args())
+    _assert_same_datasets(tmp_path / 'flink', tmp_path / 'local', ('cpf_credits',))
+    assert on_flink['credited_cents'] == local['credited_cents'] > 0
 
 
 def test_hrbatch_flink_status_reports_the_cluster_and_how_to_submit(flink_cluster, capsys):

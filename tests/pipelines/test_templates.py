@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import apache_beam
+import pyarrow.parquet as pq
 import pytest
 from google.cloud import dataflow_v1beta3
 
@@ -21,6 +22,7 @@ from pipelines import generate_payroll
 from pipelines import matching
 from pipelines import registry
 from pipelines import templates
+from transforms import schemas
 from transforms.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
@@ -34,6 +36,7 @@ def data(tmp_path_factory):
     directory = tmp_path_factory.mktemp('data')
     generate.generate(str(directory), candidates=60, offers=5, seed=3, formats=('parquet',))
     generate_payroll.generate_payroll(str(directory), employees=50, period='2026-11', seed=3)
+    pq.write_table(schemas.PAYSLIPS.arrow_schema().empty_table(), directory / 'payslips.parquet')
     return directory
 
 
@@ -42,6 +45,7 @@ STEPS = {
     'matching': ('ReadOffers', 'ScoreTasks', 'WriteParquet', 'WriteDatabase', 'WriteDeadLetters'),
     'payroll': ('ReadEmployees', 'ReadContracts', 'PayBuckets', 'WritePayslips', 'WritePayslipsToDatabase',
                 'WriteControls', 'WriteDeadLetters'),
+    'cpf': ('ReadPayslips', 'ReadEmployees', 'Credit', 'WriteCredits', 'WriteCreditsToDatabase', 'WriteDeadLetters'),
 }
 
 
@@ -49,7 +53,8 @@ def _string_parameters(name, data, output):
     """Every parameter of template ``name`` as the string a launcher passes: required ones set, the
     others at their default text (so each option's default goes through its own parser)."""
     required = {'candidates': str(data / 'candidates.parquet'), 'offers': str(data / 'offers.parquet'),
-                'output': str(output), 'period': '2026-11',
+                'output': str(output), 'period': '2026-11', 'year': '2026',
+                'payslips': str(data / 'payslips.parquet'),
                 **{name: str(data / f'{name}.parquet') for name in generate_payroll.DATASETS}}
     parameters = {}
     for option in registry.load(name).OPTIONS:

@@ -1,0 +1,194 @@
+"""CPF: the yearly credit of every employee's Compte personnel de formation, credited once.
+
+Hours come from the year's payslips (the payroll pipeline's ``payslips`` output of each month,
+given as one glob), plus the absences the CPF counts as worked; the employees give the
+qualification level, and the current counters (``--balances``) the balance and the last year
+already credited. The credit rules are ``transforms.cpf``. Output keyed by (employee, year), in
+Parquet and the SQL database: running a year twice never credits twice (same rows), and a counter
+whose ``last_credited_year`` already covers the year is reported ``already_credited`` with no credit.
+
+    hrbatch run cpf --year 2026 --payslips 'out/payroll-2026-*/payslips/*/part-*.parquet' \\
+        --employees in/employees.parquet --balances in/cpf_balances.parquet --output out/cpf-2026
+"""
+import dataclasses
+import sys
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.compute as pc
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+
+from pipelines import lifecycle
+from pipelines import options as opts
+from pipelines.runner import pipeline_options
+from transforms import cpf
+from transforms import schemas
+from transforms.dead_letters import METRICS_NAMESPACE
+from transforms.dead_letters import WriteDeadLetters
+from transforms.keyed_write import WriteKeyed
+from transforms.keyed_write import WritePartitions
+from transforms.keyed_write import bucket_dir
+from transforms.read import ReadRecords
+from transforms.routing import SplitByKeyBucket
+from transforms.routing import tagged_tables
+
+NAME = 'cpf'
+_DEAD_LETTERS = 'dead_letters'
+_DATA_CATEGORIES = ['employees', 'hours worked', 'absences', 'CPF counters']
+_HOURS = schemas.PAYSLIPS.project(('employee_id', 'period', 'hours_paid'), name='payslip_hours')
+_INPUTS = {  # name -> (schema, required)
+    'payslips': (_HOURS, True),
+    'employees': (schemas.EMPLOYEES, True),
+    'absences': (schemas.ABSENCES, False),
+    'balances': (schemas.CPF_BALANCES, False),
+}
+
+OPTIONS = (
+    opts.Option('year', 'The year whose hours are credited.', type='int', required=True, min_value=2019,
+                max_value=2100),
+    opts.Option('payslips', "The year's payslips (the payroll pipeline's payslips output): file or glob.",
+                required=True),
+    opts.Option('employees', 'Employees file or glob (qualification level).', required=True),
+    opts.Option('absences', 'Absences of the year (kind, hours); the CPF counts some as worked. Default: none.'),
+    opts.Option('balances', 'Current CPF counters (balance, last credited year). Default: every counter at 0.'),
+    opts.Option('output', 'Output directory (local or gs://): cpf_credits/ and dead_letters/.', required=True),
+    opts.Option('database', 'Where credits are upserted: sqlite:///PATH, postgresql://..., or "none". '
+                'Default: sqlite:///OUTPUT/hrbatch.db for a local output, none for gs://.'),
+    opts.Option('buckets', 'Hash buckets of employee_id: the unit of parallel work and the Parquet partitions.',
+                type='int', default=64, min_value=1, max_value=100_000),
+) + lifecycle.LIFECYCLE_OPTIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class CpfConfig:
+    year: int
+    inputs: dict
+    output: str
+    database: str | None
+    buckets: int
+    run_id: str
+
+    @classmethod
+    def from_values(cls, values: dict, *, run_id: str) -> 'CpfConfig':
+        cpf.parameters(values['year'])  # a year without rules fails now, naming it
+        return cls(year=values['year'], inputs={name: values[name] for name in _INPUTS}, output=values['output'],
+                   database=lifecycle.database_target(values['database'], values['output']),
+                   buckets=values['buckets'], run_id=run_id)
+
+
+def _of_year(batch: pa.RecordBatch, year: int) -> pa.RecordBatch:
+    if 'period' in batch.schema.names:
+        return batch.filter(pc.starts_with(batch.column('period'), f'{year}-'))
+    return batch.filter(pc.equal(batch.column('year'), year))
+
+
+class _CreditBucketFn(beam.DoFn):
+
+    def __init__(self, year: int):
+        self._year = year
+        self._credited = Metrics.counter(METRICS_NAMESPACE, 'employees_credited')
+        self._cents = Metrics.counter(METRICS_NAMESPACE, 'cpf_credited_cents')
+
+    def process(self, element):
+        bucket, items = element
+        tables = tagged_tables(items, {name: schema for name, (schema, _) in _INPUTS.items()})
+        result = cpf.credit(self._year, tables['payslips'], tables['absences'], tables['employees'],
+                            tables['balances'])
+        for letter in result.dead_letters:
+            yield beam.pvalue.TaggedOutput(_DEAD_LETTERS, letter)
+        if result.credits.num_rows:
+            credited = pc.greater(result.credits.column('credit_cents'), 0)
+            self._credited.inc(pc.sum(credited).as_py() or 0)
+            self._cents.inc(pc.sum(result.credits.column('credit_cents')).as_py() or 0)
+            yield bucket_dir('employee_id', bucket), result.credits
+
+
+def build(pipeline: beam.Pipeline, config: CpfConfig, store=None) -> dict:
+    del store  # the credits are recomputed from the inputs; the keyed writes make that idempotent
+    routed, letters = [], []
+    for name, (schema, _) in _INPUTS.items():
+        if config.inputs[name] is None:
+            continue
+        label = name.title()
+        read = pipeline | f'Read{label}' >> ReadRecords(file_pattern=config.inputs[name], schema=schema,
+                                                        step=f'Read{label}')
+        records = read.records
+        if name in ('payslips', 'absences'):
+            records = records | f'{label}OfYear' >> beam.Map(_of_year, config.year)
+        routed.append(records | f'Route{label}' >> beam.ParDo(SplitByKeyBucket(name, 'employee_id', config.buckets)))
+        letters.append(read.dead_letters)
+    credited = (
+        routed
+        | 'AllByEmployee' >> beam.Flatten()
+        | 'GroupByBucket' >> beam.GroupByKey()
+        | 'Credit' >> beam.ParDo(_CreditBucketFn(config.year)).with_outputs(_DEAD_LETTERS, main='credits'))
+    credited.credits | 'WriteCredits' >> WritePartitions(schema=schemas.CPF_CREDITS,
+                                                         target=FileSystems.join(config.output, 'cpf_credits'))
+    if config.database:
+        (credited.credits
+         | 'CreditBatches' >> beam.FlatMap(lambda partition: partition[1].to_batches())
+         | 'WriteCreditsToDatabase' >> WriteKeyed(schema=schemas.CPF_CREDITS, target=config.database))
+    dead_letters = (*letters, credited[_DEAD_LETTERS]) | 'AllDeadLetters' >> beam.Flatten()
+    dead_letters | 'WriteDeadLetters' >> WriteDeadLetters(
+        output_prefix=FileSystems.join(config.output, 'dead_letters', 'dead_letters'), run_id=config.run_id)
+    return {'credits': credited.credits, 'dead_letters': dead_letters}
+
+
+def _counter(result, name: str) -> int:
+    query = MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name(name)
+    return sum(r.committed or 0 for r in result.metrics().query(query)['counters'])
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Parses ``argv``, credits the year under the run ledger, returns the summary (or ``skipped``)."""
+    values, beam_args = opts.parse(OPTIONS, list(sys.argv[1:] if argv is None else argv), prog=f'hrbatch run {NAME}')
+    if not values['run_key']:
+        values['run_key'] = f'{NAME}:{values["year"]}'
+    spec = lifecycle.RunSpec.from_values(NAME, values, values['output'])
+    config = CpfConfig.from_values(values, run_id=spec.run_id)
+    if lifecycle.describes_only(pipeline_options(beam_args)):
+        return lifecycle.describe(NAME, config.run_id, config.output, beam_args,
+                                  lambda pipeline, store: build(pipeline, config, store))
+    parameters = {k: v for k, v in values.items() if k not in ('run_id', 'force', 'resume', 'operator', 'ledger')}
+    parameters['beam_args'] = beam_args
+    summary = {}
+
+    def work(store):
+        pipeline = beam.Pipeline(options=pipeline_options(beam_args))
+        build(pipeline, config, store)
+        result = pipeline.run()
+        result.wait_until_finish()
+        summary.update({
+            'run_id': config.run_id, 'year': config.year,
+            'employees_read': _counter(result, 'employees_read'),
+            'employees_credited': _counter(result, 'employees_credited'),
+            'credited_cents': _counter(result, 'cpf_credited_cents'),
+            'credits_written': _counter(result, 'cpf_credits_parquet_rows'),
+            'dead_letters': _counter(result, 'dead_letters'),
+            'output': config.output, 'database': config.database,
+        })
+        counts = {k: summary[k] for k in ('employees_read', 'employees_credited', 'credited_cents', 'credits_written',
+                                          'dead_letters')}
+        return lifecycle.Outcome(counts=counts, outputs={'cpf_credits': FileSystems.join(config.output, 'cpf_credits'),
+                                                         'database': config.database},
+                                 record_refs={'year': config.year, 'employees_credited': summary['employees_credited']})
+
+    outcome = lifecycle.execute(spec, parameters=parameters, inputs=[p for p in config.inputs.values() if p],
+                                data_categories=_DATA_CATEGORIES,
+                                checkpoint_root=FileSystems.join(config.output, '.checkpoints'), work=work)
+    if outcome is None:
+        return {'skipped': True, 'run_key': spec.run_key}
+    print(f"CPF {config.year}, run {config.run_id}: {summary['employees_credited']:,} employees credited, "
+          f"{summary['credited_cents'] / 100:,.2f} EUR in all, {summary['dead_letters']:,} dead letters.")
+    print(f"Credits (Parquet):     {FileSystems.join(config.output, 'cpf_credits')}/")
+    if config.database:
+        print(f'Credits (SQL):         {config.database}  table cpf_credits')
+    print(f'Run ledger and audit:  {spec.ledger_url}  (hrbatch runs show {spec.run_id} --database URL)')
+    return summary
+
+
+if __name__ == '__main__':
+    from pipelines.cli import main_for
+    sys.exit(main_for(NAME))

@@ -1,0 +1,44 @@
+"""Route every record of one key (an employee) to one hash bucket, so a bucket can be joined whole.
+
+``SplitByKeyBucket`` splits each Arrow batch of one input by the bucket of its key and tags the
+pieces with the input's name: after a ``GroupByKey`` on the bucket, one call sees every record of
+its keys from every input. The bucket is ``keyed_write.bucket_of`` of the key, so bucket ``b`` is
+also Parquet partition ``keyed_write.bucket_dir(key, b)`` of an output partitioned on that key with
+the same number of buckets: the step that computes a bucket can write its partition directly
+(``keyed_write.WritePartitions``), with no second shuffle.
+"""
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+
+from transforms.keyed_write import bucket_numbers
+
+
+class SplitByKeyBucket(beam.DoFn):
+    """(bucket, (name, the batch's rows of that bucket)) for each bucket present in the batch."""
+
+    def __init__(self, name: str, key: str, buckets: int):
+        self._name, self._key, self._buckets = name, key, buckets
+
+    def process(self, batch: pa.RecordBatch):
+        if not batch.num_rows:
+            return
+        buckets = bucket_numbers(batch.column(self._key), self._buckets)
+        order = np.argsort(buckets, kind='stable')
+        bounds = np.searchsorted(buckets[order], np.arange(self._buckets + 1))
+        for bucket in np.flatnonzero(np.diff(bounds)):
+            rows = pa.array(order[bounds[bucket]:bounds[bucket + 1]])
+            yield int(bucket), (self._name, batch.take(rows))
+
+
+def tagged_tables(items, schemas_by_name: dict) -> dict:
+    """The grouped ``(name, batch)`` pieces of one bucket as one table per input name (empty tables
+    for inputs with no piece), each in its schema's columns."""
+    parts = {name: [] for name in schemas_by_name}
+    for name, batch in items:
+        parts[name].append(batch)
+    tables = {}
+    for name, schema in schemas_by_name.items():
+        target = schema.arrow_schema()
+        tables[name] = pa.Table.from_batches([b.select(target.names) for b in parts[name]], schema=target)
+    return tables
