@@ -117,7 +117,8 @@ def build(pipeline: beam.Pipeline, config: CpfConfig, store=None) -> dict:
         records = read.records
         if name in ('payslips', 'absences'):
             records = records | f'{label}OfYear' >> beam.Map(_of_year, config.year)
-        routed.append(records | f'Route{label}' >> beam.ParDo(SplitByKeyBucket(name, 'employee_id', config.buckets)))
+        routed.append(records | f'Route{label}' >> beam.ParDo(
+            SplitByKeyBucket(name, 'employee_id', config.buckets, columns=schema.names)))
         letters.append(read.dead_letters)
     credited = (
         routed

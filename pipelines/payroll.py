@@ -227,7 +227,8 @@ def build(pipeline: beam.Pipeline, config: PayrollConfig, store=None) -> dict:
         records = read.records
         if 'period' in schema.names:
             records = records | f'{label}OfPeriod' >> beam.Map(_of_period, config.period)
-        routed.append(records | f'Route{label}' >> beam.ParDo(SplitByKeyBucket(name, 'employee_id', config.buckets)))
+        routed.append(records | f'Route{label}' >> beam.ParDo(
+            SplitByKeyBucket(name, 'employee_id', config.buckets, columns=schema.names)))
         rejected.append(read.dead_letters)
     sites = pipeline | 'ReadEstablishments' >> ReadRecords(
         file_pattern=config.inputs['establishments'], schema=schemas.ESTABLISHMENTS, step='ReadEstablishments')

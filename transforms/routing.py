@@ -15,14 +15,21 @@ from transforms.keyed_write import bucket_numbers
 
 
 class SplitByKeyBucket(beam.DoFn):
-    """(bucket, (name, the batch's rows of that bucket)) for each bucket present in the batch."""
+    """(bucket, (name, the batch's rows of that bucket)) for each bucket present in the batch.
 
-    def __init__(self, name: str, key: str, buckets: int):
-        self._name, self._key, self._buckets = name, key, buckets
+    ``columns``: the columns to keep (default: all). Dropping what the join does not use, such as
+    the readers' per-row ``_source`` path, keeps the shuffle small: on the DirectRunner it is held
+    in memory whole.
+    """
+
+    def __init__(self, name: str, key: str, buckets: int, columns: tuple[str, ...] | None = None):
+        self._name, self._key, self._buckets, self._columns = name, key, buckets, columns
 
     def process(self, batch: pa.RecordBatch):
         if not batch.num_rows:
             return
+        if self._columns is not None:
+            batch = batch.select(list(self._columns))
         buckets = bucket_numbers(batch.column(self._key), self._buckets)
         order = np.argsort(buckets, kind='stable')
         bounds = np.searchsorted(buckets[order], np.arange(self._buckets + 1))
