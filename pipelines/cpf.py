@@ -18,11 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.metrics.metric import MetricsFilter
 
 from pipelines import lifecycle
 from pipelines import options as opts
-from pipelines.runner import pipeline_options
 from transforms import cpf
 from transforms import schemas
 from transforms.dead_letters import METRICS_NAMESPACE
@@ -137,56 +135,37 @@ def build(pipeline: beam.Pipeline, config: CpfConfig, store=None) -> dict:
     return {'credits': credited.credits, 'dead_letters': dead_letters}
 
 
-def _counter(result, name: str) -> int:
-    query = MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name(name)
-    return sum(r.committed or 0 for r in result.metrics().query(query)['counters'])
+def summarize(result, config: CpfConfig, built) -> tuple[dict, lifecycle.Outcome]:
+    summary = {
+        'run_id': config.run_id, 'year': config.year,
+        **{name: lifecycle.counter(result, name) for name in ('employees_read', 'employees_credited', 'dead_letters')},
+        'credited_cents': lifecycle.counter(result, 'cpf_credited_cents'),
+        'credits_written': lifecycle.counter(result, 'cpf_credits_parquet_rows'),
+        'output': config.output, 'database': config.database,
+    }
+    counts = {k: summary[k] for k in ('employees_read', 'employees_credited', 'credited_cents', 'credits_written',
+                                      'dead_letters')}
+    return summary, lifecycle.Outcome(
+        counts=counts, outputs={'cpf_credits': FileSystems.join(config.output, 'cpf_credits'), 'database': config.database},
+        record_refs={'year': config.year, 'employees_credited': summary['employees_credited']})
 
 
 def run(argv: list[str] | None = None) -> dict:
     """Parses ``argv``, credits the year under the run ledger, returns the summary (or ``skipped``)."""
     values, beam_args = opts.parse(OPTIONS, list(sys.argv[1:] if argv is None else argv), prog=f'hrbatch run {NAME}')
-    if not values['run_key']:
-        values['run_key'] = f'{NAME}:{values["year"]}'
-    spec = lifecycle.RunSpec.from_values(NAME, values, values['output'])
-    config = CpfConfig.from_values(values, run_id=spec.run_id)
-    if lifecycle.describes_only(pipeline_options(beam_args)):
-        return lifecycle.describe(NAME, config.run_id, config.output, beam_args,
-                                  lambda pipeline, store: build(pipeline, config, store))
-    parameters = {k: v for k, v in values.items() if k not in ('run_id', 'force', 'resume', 'operator', 'ledger')}
-    parameters['beam_args'] = beam_args
-    summary = {}
-
-    def work(store):
-        pipeline = beam.Pipeline(options=pipeline_options(beam_args))
-        build(pipeline, config, store)
-        result = pipeline.run()
-        result.wait_until_finish()
-        summary.update({
-            'run_id': config.run_id, 'year': config.year,
-            'employees_read': _counter(result, 'employees_read'),
-            'employees_credited': _counter(result, 'employees_credited'),
-            'credited_cents': _counter(result, 'cpf_credited_cents'),
-            'credits_written': _counter(result, 'cpf_credits_parquet_rows'),
-            'dead_letters': _counter(result, 'dead_letters'),
-            'output': config.output, 'database': config.database,
-        })
-        counts = {k: summary[k] for k in ('employees_read', 'employees_credited', 'credited_cents', 'credits_written',
-                                          'dead_letters')}
-        return lifecycle.Outcome(counts=counts, outputs={'cpf_credits': FileSystems.join(config.output, 'cpf_credits'),
-                                                         'database': config.database},
-                                 record_refs={'year': config.year, 'employees_credited': summary['employees_credited']})
-
-    outcome = lifecycle.execute(spec, parameters=parameters, inputs=[p for p in config.inputs.values() if p],
-                                data_categories=_DATA_CATEGORIES,
-                                checkpoint_root=FileSystems.join(config.output, '.checkpoints'), work=work)
-    if outcome is None:
-        return {'skipped': True, 'run_key': spec.run_key}
-    print(f"CPF {config.year}, run {config.run_id}: {summary['employees_credited']:,} employees credited, "
+    values['run_key'] = values['run_key'] or f'{NAME}:{values["year"]}'
+    spec, summary = lifecycle.run_pipeline(
+        NAME, values, beam_args, output=values['output'],
+        make_config=lambda run_id: CpfConfig.from_values(values, run_id=run_id), build=build, summarize=summarize,
+        inputs=lambda config: [p for p in config.inputs.values() if p], data_categories=_DATA_CATEGORIES)
+    if 'employees_credited' not in summary:
+        return summary
+    print(f"CPF {summary['year']}, run {summary['run_id']}: {summary['employees_credited']:,} employees credited, "
           f"{summary['credited_cents'] / 100:,.2f} EUR in all, {summary['dead_letters']:,} dead letters.")
-    print(f"Credits (Parquet):     {FileSystems.join(config.output, 'cpf_credits')}/")
-    if config.database:
-        print(f'Credits (SQL):         {config.database}  table cpf_credits')
-    print(f'Run ledger and audit:  {spec.ledger_url}  (hrbatch runs show {spec.run_id} --database URL)')
+    print(f"Credits (Parquet):     {FileSystems.join(summary['output'], 'cpf_credits')}/")
+    if summary['database']:
+        print(f"Credits (SQL):         {summary['database']}  table cpf_credits")
+    print(lifecycle.ledger_line(spec))
     return summary
 
 

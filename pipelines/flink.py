@@ -14,7 +14,6 @@ then prints the Beam options that submit a pipeline to it, which ``beam_args`` a
 stops all three. Flink and the job server come from ``.ci/install_flink.sh`` (``.flink/``), or from
 ``$HRBATCH_FLINK_HOME`` and ``$HRBATCH_FLINK_JOB_SERVER_JAR``.
 """
-import argparse
 import contextlib
 import dataclasses
 import glob

@@ -20,6 +20,7 @@ import typing
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import GoogleCloudOptions
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import TestOptions
@@ -30,6 +31,7 @@ from transforms import audit
 from transforms import ledger
 from transforms.checkpoints import CheckpointStore
 from transforms.checkpoints import checkpoint_scope
+from transforms.dead_letters import METRICS_NAMESPACE
 from transforms.errors import ConfigError
 
 _LOGGER = logging.getLogger(__name__)
@@ -155,3 +157,51 @@ def execute(spec: RunSpec, *, parameters: dict, inputs: list[str], data_categori
                  record_refs=outcome.record_refs, **common)
     store.clear()
     return outcome
+
+
+def counter(result, name: str) -> int:
+    """A counter of the ``hrbatch`` metrics namespace, summed over steps. Counters are told apart by
+    name, never by step: runners name steps differently (Flink reports its own ids)."""
+    query = MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name(name)
+    return sum(r.committed or 0 for r in result.metrics().query(query)['counters'])
+
+
+def run_pipeline(operation: str, values: dict, beam_args: list[str], *, output: str,
+                 make_config: typing.Callable[[str], typing.Any], build: typing.Callable,
+                 summarize: typing.Callable, inputs: typing.Callable[[typing.Any], list[str]],
+                 data_categories: list[str]) -> tuple[RunSpec, dict]:
+    """Everything a pipeline's ``run`` does around its graph, the same for every operation.
+
+    ``make_config(run_id)`` builds the pipeline's config; ``build(pipeline, config, store)`` adds its
+    graph; ``summarize(result, config, built)`` returns ``(summary, Outcome)`` once it has run.
+    Returns the run spec and the summary: ``{'skipped': True, 'run_key': ...}`` when the key already
+    succeeded, ``{'described': True, ...}`` when the Beam options only describe the job
+    (``--dry_run``, or ``--template_location`` as a Flex Template launcher passes: no ledger entry).
+    """
+    spec = RunSpec.from_values(operation, values, output)
+    config = make_config(spec.run_id)
+    if describes_only(pipeline_options(beam_args)):
+        return spec, describe(operation, spec.run_id, output, beam_args,
+                              lambda pipeline, store: build(pipeline, config, store))
+    parameters = {k: v for k, v in values.items() if k not in ('run_id', 'force', 'resume', 'operator', 'ledger')}
+    parameters['beam_args'] = beam_args
+    summary = {}
+
+    def work(store):
+        pipeline = beam.Pipeline(options=pipeline_options(beam_args))
+        built = build(pipeline, config, store)
+        result = pipeline.run()
+        result.wait_until_finish()
+        figures, outcome = summarize(result, config, built)
+        summary.update(figures)
+        return outcome
+
+    outcome = execute(spec, parameters=parameters, inputs=inputs(config), data_categories=data_categories,
+                      checkpoint_root=FileSystems.join(output, '.checkpoints'), work=work)
+    if outcome is None:
+        return spec, {'skipped': True, 'run_key': spec.run_key}
+    return spec, summary
+
+
+def ledger_line(spec: RunSpec) -> str:
+    return f'Run ledger and audit:  {spec.ledger_url}  (hrbatch runs show {spec.run_id} --database URL)'

@@ -39,11 +39,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics.metric import MetricsFilter
 
 from pipelines import lifecycle
 from pipelines import options as opts
-from pipelines.runner import pipeline_options
 from transforms import schemas
 from transforms import scoring
 from transforms.batching import Rebatcher
@@ -295,13 +293,6 @@ def build(pipeline: beam.Pipeline, config: MatchingConfig, store: CheckpointStor
     return Outputs(matches=matches, dead_letters=dead_letters, tasks=len(tasks), tasks_resumed=len(tasks) - len(todo))
 
 
-def _counter(result, name: str) -> int:
-    # Counters are told apart by name, never by step: runners name steps differently (Flink reports
-    # its own ids), and a step filter would silently count nothing there.
-    query = MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name(name)
-    return sum(r.committed or 0 for r in result.metrics().query(query)['counters'])
-
-
 def summarize(result, config: MatchingConfig, outputs: Outputs) -> dict:
     """The figures of a finished run, from Beam metrics and the written output."""
     files = [m.path for m in FileSystems.match([FileSystems.join(config.matches_dir, '*', '*.parquet')])[0]
@@ -316,13 +307,13 @@ def summarize(result, config: MatchingConfig, outputs: Outputs) -> dict:
             best = max(best, float(max(table.column('score').to_pylist())))
     return {
         'run_id': config.run_id,
-        'candidates_read': _counter(result, 'candidates_read'),
-        'offers_read': _counter(result, 'offers_read'),
-        'pairs_scored': _counter(result, 'pairs_scored'),
-        'matches_written': _counter(result, 'matches_parquet_rows'),
+        'candidates_read': lifecycle.counter(result, 'candidates_read'),
+        'offers_read': lifecycle.counter(result, 'offers_read'),
+        'pairs_scored': lifecycle.counter(result, 'pairs_scored'),
+        'matches_written': lifecycle.counter(result, 'matches_parquet_rows'),
         'offers_with_matches': len(offers_matched),
         'best_score': round(best, 4),
-        'dead_letters': _counter(result, 'dead_letters'),
+        'dead_letters': lifecycle.counter(result, 'dead_letters'),
         'tasks': outputs.tasks,
         'tasks_resumed': outputs.tasks_resumed,
         'matches_dir': config.matches_dir,
@@ -358,35 +349,24 @@ def run(argv: list[str] | None = None) -> dict:
     Template launcher passes), ``describe`` builds and submits the description, outside the ledger.
     """
     values, beam_args = opts.parse(OPTIONS, list(sys.argv[1:] if argv is None else argv), prog=f'hrbatch run {NAME}')
-    spec = lifecycle.RunSpec.from_values(NAME, values, values['output'])
-    config = MatchingConfig.from_values(values, run_id=spec.run_id)
-    if lifecycle.describes_only(pipeline_options(beam_args)):
-        return lifecycle.describe(NAME, config.run_id, config.output, beam_args,
-                                  lambda pipeline, store: build(pipeline, config, store))
-    parameters = {k: v for k, v in values.items() if k not in ('run_id', 'force', 'resume', 'operator', 'ledger')}
-    parameters['beam_args'] = beam_args
-    summary = {}
 
-    def work(store):
-        pipeline = beam.Pipeline(options=pipeline_options(beam_args))
-        outputs = build(pipeline, config, store)
-        result = pipeline.run()
-        result.wait_until_finish()
-        summary.update(summarize(result, config, outputs))
+    def summarize_run(result, config, outputs):
+        summary = summarize(result, config, outputs)
         counts = {k: summary[k] for k in ('candidates_read', 'offers_read', 'pairs_scored', 'matches_written',
                                           'offers_with_matches', 'dead_letters', 'tasks', 'tasks_resumed')}
-        outputs = {'matches': config.matches_dir, 'database': config.database,
-                   'dead_letters': config.dead_letters_prefix}
-        return lifecycle.Outcome(counts=counts, outputs=outputs,
-                                 record_refs={'matches_dir': config.matches_dir, 'matches_written': summary['matches_written']})
+        written = {'matches': config.matches_dir, 'database': config.database, 'dead_letters': config.dead_letters_prefix}
+        return summary, lifecycle.Outcome(counts=counts, outputs=written, record_refs={
+            'matches_dir': config.matches_dir, 'matches_written': summary['matches_written']})
 
-    outcome = lifecycle.execute(spec, parameters=parameters, inputs=[config.candidates, config.offers],
-                                data_categories=_DATA_CATEGORIES,
-                                checkpoint_root=FileSystems.join(config.output, '.checkpoints'), work=work)
-    if outcome is None:
-        return {'skipped': True, 'run_key': spec.run_key}
+    spec, summary = lifecycle.run_pipeline(
+        NAME, values, beam_args, output=values['output'],
+        make_config=lambda run_id: MatchingConfig.from_values(values, run_id=run_id), build=build,
+        summarize=summarize_run, inputs=lambda config: [config.candidates, config.offers],
+        data_categories=_DATA_CATEGORIES)
+    if 'matches_written' not in summary:
+        return summary
     print_summary(summary)
-    print(f'Run ledger and audit:  {spec.ledger_url}  (hrbatch runs show {spec.run_id} --database URL)')
+    print(lifecycle.ledger_line(spec))
     return summary
 
 

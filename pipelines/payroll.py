@@ -39,11 +39,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.metrics.metric import MetricsFilter
 
 from pipelines import lifecycle
 from pipelines import options as opts
-from pipelines.runner import pipeline_options
 from transforms import payroll_inputs
 from transforms import payslips
 from transforms import schemas
@@ -262,60 +260,41 @@ def build(pipeline: beam.Pipeline, config: PayrollConfig, store=None) -> dict:
     return {'lines': paid.lines, 'totals': paid[_TOTALS], 'controls': controls, 'dead_letters': dead_letters}
 
 
-def _counter(result, name: str) -> int:
-    query = MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name(name)
-    return sum(r.committed or 0 for r in result.metrics().query(query)['counters'])
+def summarize(result, config: PayrollConfig, built) -> tuple[dict, lifecycle.Outcome]:
+    summary = {
+        'run_id': config.run_id, 'period': config.period,
+        **{name: lifecycle.counter(result, name) for name in (
+            'employees_read', 'contracts_read', 'employees_paid', 'employees_without_contract', 'dead_letters')},
+        'payslip_lines_written': lifecycle.counter(result, 'payslip_lines_parquet_rows'),
+        'output': config.output, 'database': config.database,
+    }
+    counts = {k: summary[k] for k in ('employees_read', 'contracts_read', 'employees_paid',
+                                      'employees_without_contract', 'payslip_lines_written', 'dead_letters')}
+    outputs = {name: config.path(name) for name in ('payslip_lines', 'payslips', 'controls', 'dead_letters')}
+    return summary, lifecycle.Outcome(counts=counts, outputs={**outputs, 'database': config.database},
+                                      record_refs={'period': config.period, 'employees_paid': summary['employees_paid']})
 
 
 def run(argv: list[str] | None = None) -> dict:
     """Parses ``argv``, pays the month under the run ledger, returns the summary (or ``skipped``)."""
     values, beam_args = opts.parse(OPTIONS, list(sys.argv[1:] if argv is None else argv), prog=f'hrbatch run {NAME}')
-    if not values['run_key']:
-        values['run_key'] = f'{NAME}:{values["period"]}'
-    spec = lifecycle.RunSpec.from_values(NAME, values, values['output'])
-    config = PayrollConfig.from_values(values, run_id=spec.run_id)
-    if lifecycle.describes_only(pipeline_options(beam_args)):
-        return lifecycle.describe(NAME, config.run_id, config.output, beam_args,
-                                  lambda pipeline, store: build(pipeline, config, store))
-    parameters = {k: v for k, v in values.items() if k not in ('run_id', 'force', 'resume', 'operator', 'ledger')}
-    parameters['beam_args'] = beam_args
-    summary = {}
-
-    def work(store):
-        pipeline = beam.Pipeline(options=pipeline_options(beam_args))
-        build(pipeline, config, store)
-        result = pipeline.run()
-        result.wait_until_finish()
-        summary.update({
-            'run_id': config.run_id, 'period': config.period,
-            'employees_read': _counter(result, 'employees_read'),
-            'contracts_read': _counter(result, 'contracts_read'),
-            'employees_paid': _counter(result, 'employees_paid'),
-            'employees_without_contract': _counter(result, 'employees_without_contract'),
-            'payslip_lines_written': _counter(result, 'payslip_lines_parquet_rows'),
-            'dead_letters': _counter(result, 'dead_letters'),
-            'output': config.output, 'database': config.database,
-        })
-        counts = {k: summary[k] for k in ('employees_read', 'contracts_read', 'employees_paid',
-                                          'employees_without_contract', 'payslip_lines_written', 'dead_letters')}
-        outputs = {name: config.path(name) for name in ('payslip_lines', 'payslips', 'controls', 'dead_letters')}
-        return lifecycle.Outcome(counts=counts, outputs={**outputs, 'database': config.database},
-                                 record_refs={'period': config.period, 'employees_paid': summary['employees_paid']})
-
-    inputs = [p for p in config.inputs.values() if p]
-    outcome = lifecycle.execute(spec, parameters=parameters, inputs=inputs, data_categories=_DATA_CATEGORIES,
-                                checkpoint_root=FileSystems.join(config.output, '.checkpoints'), work=work)
-    if outcome is None:
-        return {'skipped': True, 'run_key': spec.run_key}
-    print(f"Payroll {config.period}, run {config.run_id}: {summary['employees_paid']:,} employees paid, "
+    values['run_key'] = values['run_key'] or f'{NAME}:{values["period"]}'
+    spec, summary = lifecycle.run_pipeline(
+        NAME, values, beam_args, output=values['output'],
+        make_config=lambda run_id: PayrollConfig.from_values(values, run_id=run_id), build=build, summarize=summarize,
+        inputs=lambda config: [p for p in config.inputs.values() if p], data_categories=_DATA_CATEGORIES)
+    if 'employees_paid' not in summary:
+        return summary
+    path = summary['output']
+    print(f"Payroll {summary['period']}, run {summary['run_id']}: {summary['employees_paid']:,} employees paid, "
           f"{summary['dead_letters']:,} dead letters, {summary['employees_without_contract']:,} without a contract "
           'this month.')
-    print(f'Payslips (Parquet):    {config.path("payslips")}/ and {config.path("payslip_lines")}/')
-    print(f'Control totals:        {config.path("controls")}/')
-    if config.database:
-        print(f'Payslips (SQL):        {config.database}  tables payslips, payslip_lines, payroll_controls')
-    print(f'Dead letters (JSONL):  {FileSystems.join(config.output, "dead_letters")}/')
-    print(f'Run ledger and audit:  {spec.ledger_url}  (hrbatch runs show {spec.run_id} --database URL)')
+    print(f'Payslips (Parquet):    {FileSystems.join(path, "payslips")}/ and {FileSystems.join(path, "payslip_lines")}/')
+    print(f'Control totals:        {FileSystems.join(path, "controls")}/')
+    if summary['database']:
+        print(f"Payslips (SQL):        {summary['database']}  tables payslips, payslip_lines, payroll_controls")
+    print(f'Dead letters (JSONL):  {FileSystems.join(path, "dead_letters")}/')
+    print(lifecycle.ledger_line(spec))
     return summary
 
 
