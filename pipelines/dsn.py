@@ -70,7 +70,6 @@ from transforms.dead_letters import DeadLetter
 from transforms.dead_letters import WriteDeadLetters
 from transforms.errors import ConfigError
 from transforms.keyed_write import WriteKeyed
-from transforms.keyed_write import bucket_numbers
 from transforms.keyed_write import publish
 from transforms.keyed_write import remove_temp_dir
 from transforms.payroll_inputs import contracts_in_month
@@ -275,6 +274,17 @@ def file_name(siret: str, period: str) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # Stage 1: every record of an employee in one bucket; one record per paid employee, keyed by SIRET
+
+def bucket_numbers(values: pa.Array, buckets: int) -> np.ndarray:
+    """A stable bucket per value (blake2b, 8 bytes, big-endian, mod ``buckets``), hashed once per
+    distinct value: the same on every worker and every run (never Python's ``hash``)."""
+    encoded = pc.dictionary_encode(values)
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks()
+    per_value = np.array([int.from_bytes(hashlib.blake2b(str(v).encode('utf-8'), digest_size=8).digest(), 'big')
+                          % buckets for v in encoded.dictionary.to_pylist()], dtype=np.int64)
+    return per_value[encoded.indices.to_numpy(zero_copy_only=False)]
+
 
 def _of_period(batch: pa.RecordBatch, period: str) -> pa.RecordBatch:
     return batch.filter(pc.equal(batch.column('period'), period))

@@ -50,10 +50,10 @@ from transforms.dead_letters import WriteDeadLetters
 from transforms.keyed_write import WriteKeyed
 from transforms.keyed_write import WritePartitions
 from transforms.keyed_write import bucket_dir
-from transforms.keyed_write import bucket_of
 from transforms.payroll_rules import PayrollRules
 from transforms.read import ReadRecords
 from transforms.routing import SplitByKeyBucket
+from transforms.routing import bucket_of
 from transforms.routing import tagged_tables
 
 NAME = 'payroll'

@@ -277,8 +277,7 @@ def bucket_of(text: str, buckets: int) -> int:
 
 
 def bucket_numbers(values: pa.Array, buckets: int) -> np.ndarray:
-    """``bucket_of`` of every value, hashed once per distinct value: route rows to the partitions
-    ``WriteKeyed(partition_by=..., buckets=...)`` would put them in."""
+    """``bucket_of`` of every value, hashed once per distinct value."""
     encoded = pc.dictionary_encode(values)
     per_value = np.array([bucket_of(partition_text(v), buckets) for v in encoded.dictionary.to_pylist()],
                          dtype=np.int64)
@@ -1315,8 +1314,7 @@ class WritePartitions(beam.PTransform):
     """The Parquet half of ``WriteKeyed`` for rows already grouped by partition: takes
     ``(partition directory, RecordBatches or a Table)``, each directory exactly once, and writes and
     publishes each as its single file, sorted by key, with no shuffle. For a pipeline that computes
-    its rows partition by partition (route them with ``bucket_numbers``, name them with
-    ``bucket_dir``). Returns the published paths once all are published.
+    its rows partition by partition (``transforms.routing``; name them with ``bucket_dir``). Returns the published paths once all are published.
     """
 
     def __init__(self, *, schema: RecordSchema, target: str):

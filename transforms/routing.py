@@ -2,16 +2,16 @@
 
 ``SplitByKeyBucket`` splits each Arrow batch of one input by the bucket of its key and tags the
 pieces with the input's name: after a ``GroupByKey`` on the bucket, one call sees every record of
-its keys from every input. The bucket is ``keyed_write.bucket_of`` of the key, so bucket ``b`` is
-also Parquet partition ``keyed_write.bucket_dir(key, b)`` of an output partitioned on that key with
-the same number of buckets: the step that computes a bucket can write its partition directly
-(``keyed_write.WritePartitions``), with no second shuffle.
+its keys from every input. The bucket is ``deduplicate.stable_buckets`` of the key (vectorised,
+the same on every machine and run), so the step that computes bucket ``b`` can write it as Parquet
+partition ``keyed_write.bucket_dir(key, b)`` directly (``keyed_write.WritePartitions``), with no
+second shuffle.
 """
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
-from transforms.keyed_write import bucket_numbers
+from transforms.deduplicate import stable_buckets
 
 
 class SplitByKeyBucket(beam.DoFn):
@@ -30,12 +30,17 @@ class SplitByKeyBucket(beam.DoFn):
             return
         if self._columns is not None:
             batch = batch.select(list(self._columns))
-        buckets = bucket_numbers(batch.column(self._key), self._buckets)
+        buckets = stable_buckets(batch.column(self._key), self._buckets)
         order = np.argsort(buckets, kind='stable')
         bounds = np.searchsorted(buckets[order], np.arange(self._buckets + 1))
         for bucket in np.flatnonzero(np.diff(bounds)):
             rows = pa.array(order[bounds[bucket]:bounds[bucket + 1]])
             yield int(bucket), (self._name, batch.take(rows))
+
+
+def bucket_of(key: str, buckets: int) -> int:
+    """The bucket ``SplitByKeyBucket`` routes ``key`` to."""
+    return int(stable_buckets(pa.array([key], pa.string()), buckets)[0])
 
 
 def tagged_tables(items, schemas_by_name: dict) -> dict:

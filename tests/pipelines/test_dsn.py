@@ -20,7 +20,7 @@ from transforms.keyed_write import read_parquet_dataset
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
 
 PERIOD = '2026-11'
-EMPLOYEES = 300
+EMPLOYEES = 400
 ACCENTED = ('Lefèvre-Œuvray', 'Hélène')     # Œ is not ISO-8859-1: written OE
 
 
