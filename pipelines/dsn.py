@@ -50,19 +50,16 @@ import sys
 import uuid
 
 import apache_beam as beam
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.metrics.metric import MetricsFilter
 from stdnum.fr import siren as stdnum_siren
 from stdnum.fr import siret as stdnum_siret
 
 from pipelines import lifecycle
 from pipelines import options as opts
-from pipelines.runner import pipeline_options
 from transforms import dsn_format as fmt
 from transforms import schemas
 from transforms.dead_letters import METRICS_NAMESPACE
@@ -75,6 +72,10 @@ from transforms.keyed_write import remove_temp_dir
 from transforms.payroll_inputs import contracts_in_month
 from transforms.payroll_rules import PayrollRules
 from transforms.read import ReadRecords
+from transforms.routing import SplitByKeyBucket
+from transforms.routing import route_rejection
+from transforms.routing import split_blocked
+from transforms.routing import tagged_tables
 
 NAME = 'dsn'
 STEP = 'BuildDsn'
@@ -85,7 +86,6 @@ _LOGGER = logging.getLogger(__name__)
 _DATA_CATEGORIES = ['employees (identity, NIR)', 'contracts', 'pay', 'social contributions', 'withholding tax']
 _REFUSED = 'refused'
 _DEAD_LETTERS = 'dead_letters'
-_BLOCKED = 'blocked'
 _SITE = 'site'
 _EMPLOYEE = 'employee'
 
@@ -275,55 +275,8 @@ def file_name(siret: str, period: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # Stage 1: every record of an employee in one bucket; one record per paid employee, keyed by SIRET
 
-def bucket_numbers(values: pa.Array, buckets: int) -> np.ndarray:
-    """A stable bucket per value (blake2b, 8 bytes, big-endian, mod ``buckets``), hashed once per
-    distinct value: the same on every worker and every run (never Python's ``hash``)."""
-    encoded = pc.dictionary_encode(values)
-    if isinstance(encoded, pa.ChunkedArray):
-        encoded = encoded.combine_chunks()
-    per_value = np.array([int.from_bytes(hashlib.blake2b(str(v).encode('utf-8'), digest_size=8).digest(), 'big')
-                          % buckets for v in encoded.dictionary.to_pylist()], dtype=np.int64)
-    return per_value[encoded.indices.to_numpy(zero_copy_only=False)]
-
-
 def _of_period(batch: pa.RecordBatch, period: str) -> pa.RecordBatch:
     return batch.filter(pc.equal(batch.column('period'), period))
-
-
-class _SplitByBucketFn(beam.DoFn):
-    def __init__(self, name: str, buckets: int):
-        self._name, self._buckets = name, buckets
-
-    def process(self, batch: pa.RecordBatch):
-        if not batch.num_rows:
-            return
-        buckets = bucket_numbers(batch.column('employee_id'), self._buckets)
-        for bucket in np.unique(buckets):
-            yield int(bucket), (self._name, batch.filter(pa.array(buckets == bucket)))
-
-
-def _blocked_employee(letter: DeadLetter, buckets: int):
-    """A rejected record of an employee: its establishment must not be declared without it."""
-    try:
-        employee_id = json.loads(letter.payload).get('employee_id')
-    except (ValueError, AttributeError):
-        employee_id = None
-    if not isinstance(employee_id, str) or not employee_id:
-        return []
-    reason = f'one of its records was rejected at {letter.step} (see that dead letter)'
-    return [(int(bucket_numbers(pa.array([employee_id]), buckets)[0]), (_BLOCKED, (employee_id, reason)))]
-
-
-def _tables(items, names: dict) -> dict:
-    parts = {name: [] for name in names}
-    for name, batch in items:
-        parts[name].append(batch)
-    tables = {}
-    for name, schema in names.items():
-        target = schema.arrow_schema()
-        tables[name] = pa.Table.from_batches([b.select(target.names).cast(target) for b in parts[name]],
-                                             schema=target)
-    return tables
 
 
 def employee_records(period: str, tables: dict, blocked: dict) -> list[tuple[str, dict]]:
@@ -374,12 +327,8 @@ class _JoinBucketFn(beam.DoFn):
 
     def process(self, element):
         _, items = element
-        blocked = {}
-        for name, value in items:
-            if name == _BLOCKED:
-                blocked.setdefault(*value)
-        tables = _tables([item for item in items if item[0] != _BLOCKED],
-                         {name: schema for name, (schema, _) in _BY_EMPLOYEE.items()})
+        records, blocked = split_blocked(items)
+        tables = tagged_tables(records, {name: schema for name, (schema, _) in _BY_EMPLOYEE.items()})
         for siret, record in employee_records(self._period, tables, blocked):
             yield siret, (_EMPLOYEE, record)
 
@@ -529,14 +478,17 @@ def declare(siret: str, site: dict | None, records: list[dict], period: str, dec
     put('S21.G00.11.002', declarant.ape_code)
     put('S21.G00.11.022', declarant.idcc)
     # Urssaf bordereau: one S21.G00.23 per (CTP, qualifier), summing the individual lines.
+    # The assiette of a CTP is each employee's base once (its codes share it), summed over employees.
     aggregated = {}
     for entries in individual.values():
+        bases = {}
         for (_, _, ctp, qualifier), (base_cents, cents) in entries.items():
             if not ctp:
                 continue
-            total = aggregated.setdefault((ctp, qualifier), [0, 0])
-            total[0] += base_cents
-            total[1] += cents
+            bases[(ctp, qualifier)] = max(bases.get((ctp, qualifier), 0), base_cents)
+            aggregated.setdefault((ctp, qualifier), [0, 0])[1] += cents
+        for key, base_cents in bases.items():
+            aggregated[key][0] += base_cents
     urssaf = fmt.euros_rounded(sum(cents for _, cents in aggregated.values()))
     if aggregated:
         put('S21.G00.22.001', declarant.urssaf_id)
@@ -727,13 +679,14 @@ def build(pipeline: beam.Pipeline, config: DsnConfig, store=None) -> dict:
         records = read.records
         if 'period' in schema.names:
             records = records | f'{label}OfPeriod' >> beam.Map(_of_period, config.period)
-        routed.append(records | f'Route{label}' >> beam.ParDo(_SplitByBucketFn(name, config.buckets)))
+        routed.append(records | f'Route{label}' >> beam.ParDo(
+            SplitByKeyBucket(name, 'employee_id', config.buckets, columns=schema.names)))
         rejected.append(read.dead_letters)
     sites = pipeline | 'ReadEstablishments' >> ReadRecords(
         file_pattern=config.inputs['establishments'], schema=_unchecked(schemas.ESTABLISHMENTS),
         step='ReadEstablishments')
     read_letters = rejected | 'ReadRejections' >> beam.Flatten()
-    blocked = read_letters | 'RouteRejections' >> beam.FlatMap(_blocked_employee, config.buckets)
+    blocked = read_letters | 'RouteRejections' >> beam.FlatMap(route_rejection, config.buckets)
     people = (
         (*routed, blocked)
         | 'AllByEmployee' >> beam.Flatten()
@@ -764,54 +717,37 @@ def build(pipeline: beam.Pipeline, config: DsnConfig, store=None) -> dict:
     return {'files': declared.files, 'refused': declared[_REFUSED], 'index': rows, 'dead_letters': dead_letters}
 
 
-def _counter(result, name: str) -> int:
-    query = MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name(name)
-    return sum(r.committed or 0 for r in result.metrics().query(query)['counters'])
+def summarize(result, config: DsnConfig, built) -> tuple[dict, lifecycle.Outcome]:
+    summary = {
+        'run_id': config.run_id, 'period': config.period,
+        'files_written': lifecycle.counter(result, 'dsn_files_written'),
+        'establishments_refused': lifecycle.counter(result, 'dsn_establishments_refused'),
+        'dead_letters': lifecycle.counter(result, 'dead_letters'),
+        'files': config.path('files'), 'index': config.path('index'), 'output': config.output,
+    }
+    counts = {k: summary[k] for k in ('files_written', 'establishments_refused', 'dead_letters')}
+    outputs = {name: config.path(name) for name in ('files', 'index', 'dead_letters')}
+    return summary, lifecycle.Outcome(counts=counts, outputs=outputs,
+                                      record_refs={'period': config.period, 'files_written': summary['files_written']})
 
 
 def run(argv: list[str] | None = None) -> dict:
     """Parses ``argv``, builds the month's DSN files under the run ledger, returns the summary."""
     values, beam_args = opts.parse(OPTIONS, list(sys.argv[1:] if argv is None else argv), prog=f'hrbatch run {NAME}')
-    if not values['run_key']:
-        values['run_key'] = f'{NAME}:{values["period"]}'
-    spec = lifecycle.RunSpec.from_values(NAME, values, values['output'])
-    config = DsnConfig.from_values(values, run_id=spec.run_id)
-    if lifecycle.describes_only(pipeline_options(beam_args)):
-        return lifecycle.describe(NAME, config.run_id, config.output, beam_args,
-                                  lambda pipeline, store: build(pipeline, config, store))
-    private = ('run_id', 'force', 'resume', 'operator', 'ledger', 'contact_name', 'contact_email', 'contact_phone')
-    parameters = {k: v for k, v in values.items() if k not in private}
-    parameters['beam_args'] = beam_args
-    summary = {}
-
-    def work(store):
-        pipeline = beam.Pipeline(options=pipeline_options(beam_args))
-        build(pipeline, config, store)
-        result = pipeline.run()
-        result.wait_until_finish()
-        summary.update({
-            'run_id': config.run_id, 'period': config.period,
-            'files_written': _counter(result, 'dsn_files_written'),
-            'establishments_refused': _counter(result, 'dsn_establishments_refused'),
-            'dead_letters': _counter(result, 'dead_letters'),
-            'files': config.path('files'), 'index': config.path('index'), 'output': config.output,
-        })
-        counts = {k: summary[k] for k in ('files_written', 'establishments_refused', 'dead_letters')}
-        outputs = {name: config.path(name) for name in ('files', 'index', 'dead_letters')}
-        return lifecycle.Outcome(counts=counts, outputs=outputs,
-                                 record_refs={'period': config.period, 'files_written': summary['files_written']})
-
-    inputs = [p for p in config.inputs.values() if p]
-    outcome = lifecycle.execute(spec, parameters=parameters, inputs=inputs, data_categories=_DATA_CATEGORIES,
-                                checkpoint_root=FileSystems.join(config.output, '.checkpoints'), work=work)
-    if outcome is None:
-        return {'skipped': True, 'run_key': spec.run_key}
-    print(f"DSN {config.period}, run {config.run_id}: {summary['files_written']:,} files written, "
+    values['run_key'] = values['run_key'] or f'{NAME}:{values["period"]}'
+    spec, summary = lifecycle.run_pipeline(
+        NAME, values, beam_args, output=values['output'],
+        make_config=lambda run_id: DsnConfig.from_values(values, run_id=run_id), build=build, summarize=summarize,
+        inputs=lambda config: [p for p in config.inputs.values() if p], data_categories=_DATA_CATEGORIES,
+        private=('contact_name', 'contact_email', 'contact_phone'))
+    if 'files_written' not in summary:
+        return summary
+    print(f"DSN {summary['period']}, run {summary['run_id']}: {summary['files_written']:,} files written, "
           f"{summary['establishments_refused']:,} establishments refused, {summary['dead_letters']:,} dead letters.")
-    print(f'DSN files:             {config.path("files")}/')
-    print(f'Index (due dates):     {config.path("index")}/')
-    print(f'Dead letters (JSONL):  {FileSystems.join(config.output, "dead_letters")}/')
-    print(f'Run ledger and audit:  {spec.ledger_url}  (hrbatch runs show {spec.run_id} --database URL)')
+    print(f"DSN files:             {summary['files']}/")
+    print(f"Index (due dates):     {summary['index']}/")
+    print(f'Dead letters (JSONL):  {FileSystems.join(summary["output"], "dead_letters")}/')
+    print(lifecycle.ledger_line(spec))
     return summary
 
 

@@ -169,7 +169,7 @@ def counter(result, name: str) -> int:
 def run_pipeline(operation: str, values: dict, beam_args: list[str], *, output: str,
                  make_config: typing.Callable[[str], typing.Any], build: typing.Callable,
                  summarize: typing.Callable, inputs: typing.Callable[[typing.Any], list[str]],
-                 data_categories: list[str]) -> tuple[RunSpec, dict]:
+                 data_categories: list[str], private: tuple[str, ...] = ()) -> tuple[RunSpec, dict]:
     """Everything a pipeline's ``run`` does around its graph, the same for every operation.
 
     ``make_config(run_id)`` builds the pipeline's config; ``build(pipeline, config, store)`` adds its
@@ -177,13 +177,15 @@ def run_pipeline(operation: str, values: dict, beam_args: list[str], *, output: 
     Returns the run spec and the summary: ``{'skipped': True, 'run_key': ...}`` when the key already
     succeeded, ``{'described': True, ...}`` when the Beam options only describe the job
     (``--dry_run``, or ``--template_location`` as a Flex Template launcher passes: no ledger entry).
+    ``private`` options (personal data such as a contact's name) are left out of the ledger's parameters.
     """
     spec = RunSpec.from_values(operation, values, output)
     config = make_config(spec.run_id)
     if describes_only(pipeline_options(beam_args)):
         return spec, describe(operation, spec.run_id, output, beam_args,
                               lambda pipeline, store: build(pipeline, config, store))
-    parameters = {k: v for k, v in values.items() if k not in ('run_id', 'force', 'resume', 'operator', 'ledger')}
+    left_out = ('run_id', 'force', 'resume', 'operator', 'ledger', *private)
+    parameters = {k: v for k, v in values.items() if k not in left_out}
     parameters['beam_args'] = beam_args
     summary = {}
 

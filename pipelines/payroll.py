@@ -29,7 +29,6 @@ maladie and family rates, and the tax and social exemption of overtime.
         --output out/payroll-2026-11
 """
 import dataclasses
-import json
 import logging
 import sys
 
@@ -53,7 +52,8 @@ from transforms.keyed_write import bucket_dir
 from transforms.payroll_rules import PayrollRules
 from transforms.read import ReadRecords
 from transforms.routing import SplitByKeyBucket
-from transforms.routing import bucket_of
+from transforms.routing import route_rejection
+from transforms.routing import split_blocked
 from transforms.routing import tagged_tables
 
 NAME = 'payroll'
@@ -69,7 +69,6 @@ _BY_EMPLOYEE = {
     'variable_elements': (schemas.VARIABLE_ELEMENTS, False),
     'withholding_rates': (schemas.WITHHOLDING_RATES, False),
 }
-_BLOCKED = 'blocked'
 _CONTROL_TOTALS = ('gross_cents', 'employee_contributions_cents', 'net_before_tax_cents', 'net_taxable_cents',
                    'pas_cents', 'net_pay_cents', 'employer_contributions_cents', 'rgdu_cents', 'employer_cost_cents')
 
@@ -115,21 +114,6 @@ def _of_period(batch: pa.RecordBatch, period: str) -> pa.RecordBatch:
     return batch.filter(pc.equal(batch.column('period'), period))
 
 
-def _blocked_employee(letter, buckets: int):
-    """A record rejected at read, routed to its employee's bucket so the employee is not paid."""
-    try:
-        employee_id = json.loads(letter.payload).get('employee_id')
-    except (ValueError, AttributeError):
-        employee_id = None
-    if not isinstance(employee_id, str) or not employee_id:
-        Metrics.counter(METRICS_NAMESPACE, 'rejected_records_without_employee').inc()
-        return []
-    # The step only: the read error quotes the rejected value, which may be the NIR.
-    reason = f'one of its records was rejected at {letter.step} (see that dead letter)'
-    bucket = bucket_of(employee_id, buckets)
-    return [(bucket, (_BLOCKED, (employee_id, reason)))]
-
-
 class _PayBucketFn(beam.DoFn):
     """Joins and pays the employees of one bucket; yields lines, totals, control items, dead letters."""
 
@@ -143,12 +127,8 @@ class _PayBucketFn(beam.DoFn):
 
     def process(self, element, establishments):
         bucket, items = element
-        blocked = {}
-        for name, value in items:
-            if name == _BLOCKED:
-                blocked.setdefault(*value)
-        tables = tagged_tables([item for item in items if item[0] != _BLOCKED],
-                               {name: schema for name, (schema, _) in _BY_EMPLOYEE.items()})
+        records, blocked = split_blocked(items)
+        tables = tagged_tables(records, {name: schema for name, (schema, _) in _BY_EMPLOYEE.items()})
         assembled = payroll_inputs.assemble(
             self._period, tables['employees'], tables['contracts'], tables['variable_elements'],
             tables['withholding_rates'], tagged_tables([('sites', b) for b in establishments],
@@ -231,7 +211,7 @@ def build(pipeline: beam.Pipeline, config: PayrollConfig, store=None) -> dict:
     sites = pipeline | 'ReadEstablishments' >> ReadRecords(
         file_pattern=config.inputs['establishments'], schema=schemas.ESTABLISHMENTS, step='ReadEstablishments')
     read_letters = rejected | 'ReadRejections' >> beam.Flatten()
-    blocked = read_letters | 'RouteRejections' >> beam.FlatMap(_blocked_employee, config.buckets)
+    blocked = read_letters | 'RouteRejections' >> beam.FlatMap(route_rejection, config.buckets)
     paid = (
         (*routed, blocked)
         | 'AllByEmployee' >> beam.Flatten()

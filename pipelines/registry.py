@@ -6,6 +6,7 @@ PIPELINES = {
     'matching': 'pipelines.matching',
     'payroll': 'pipelines.payroll',
     'cpf': 'pipelines.cpf',
+    'dsn': 'pipelines.dsn',
 }
 
 

@@ -276,14 +276,6 @@ def bucket_of(text: str, buckets: int) -> int:
     return int.from_bytes(digest, 'big') % buckets
 
 
-def bucket_numbers(values: pa.Array, buckets: int) -> np.ndarray:
-    """``bucket_of`` of every value, hashed once per distinct value."""
-    encoded = pc.dictionary_encode(values)
-    per_value = np.array([bucket_of(partition_text(v), buckets) for v in encoded.dictionary.to_pylist()],
-                         dtype=np.int64)
-    return per_value[encoded.indices.to_numpy(zero_copy_only=False)]
-
-
 def bucket_dir(partition_by: str, bucket: int) -> str:
     """The directory of bucket number ``bucket`` of ``partition_by`` (see ``partition_dir``)."""
     return f'{partition_by}_bucket={bucket:0{_BUCKET_DIGITS}d}'

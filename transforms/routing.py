@@ -7,10 +7,14 @@ the same on every machine and run), so the step that computes bucket ``b`` can w
 partition ``keyed_write.bucket_dir(key, b)`` directly (``keyed_write.WritePartitions``), with no
 second shuffle.
 """
+import json
+
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+from apache_beam.metrics import Metrics
 
+from transforms.dead_letters import METRICS_NAMESPACE
 from transforms.deduplicate import stable_buckets
 
 
@@ -52,5 +56,35 @@ def tagged_tables(items, schemas_by_name: dict) -> dict:
     tables = {}
     for name, schema in schemas_by_name.items():
         target = schema.arrow_schema()
-        tables[name] = pa.Table.from_batches([b.select(target.names) for b in parts[name]], schema=target)
+        tables[name] = pa.Table.from_batches([b.select(target.names).cast(target) for b in parts[name]],
+                                             schema=target)
     return tables
+
+
+BLOCKED = 'blocked'
+
+
+def route_rejection(letter, buckets: int) -> list:
+    """A record rejected when read, routed to its employee's bucket as ``(BLOCKED, (employee_id,
+    reason))``: the step that joins the bucket must not act on that employee without the record.
+    The reason names the step only: the read error quotes the rejected value, which may be a NIR."""
+    try:
+        employee_id = json.loads(letter.payload).get('employee_id')
+    except (ValueError, AttributeError):
+        employee_id = None
+    if not isinstance(employee_id, str) or not employee_id:
+        Metrics.counter(METRICS_NAMESPACE, 'rejected_records_without_employee').inc()
+        return []
+    reason = f'one of its records was rejected at {letter.step} (see that dead letter)'
+    return [(bucket_of(employee_id, buckets), (BLOCKED, (employee_id, reason)))]
+
+
+def split_blocked(items) -> tuple[list, dict]:
+    """The grouped items of one bucket without the rejections, and employee id -> reason."""
+    blocked, rest = {}, []
+    for name, value in items:
+        if name == BLOCKED:
+            blocked.setdefault(*value)
+        else:
+            rest.append((name, value))
+    return rest, blocked

@@ -144,6 +144,11 @@ def test_individual_lines_add_up_to_the_payslips_and_the_bordereau_to_them(paid,
                 _81_amounts(mine), _81_codes(mine)) if code in urssaf_codes)
         aggregated = [fmt_cents(v) for r, v in rubrics if r == 'S21.G00.23.005']
         assert sum(aggregated) == urssaf_lines
+        blocks = fmt.blocks(rubrics)
+        gross = sum(fmt_cents(values['013']) for name, values in blocks
+                    if name == 'S21.G00.51' and values['011'] == '001')
+        assessed = {(v['001'], v['002']): fmt_cents(v['004']) for name, v in blocks if name == 'S21.G00.23'}
+        assert assessed[('100', '920')] == gross    # each employee's gross once, not once per code
         total = fmt_cents(dict(rubrics)['S21.G00.22.005'])
         assert total == fmt.euros_rounded(sum(aggregated)) and total % 100 == 0
 
@@ -180,7 +185,11 @@ def test_a_forced_rerun_publishes_byte_identical_files(paid, declared):
 
 
 def test_invalid_nir_or_siren_refuses_only_that_establishment(paid, declared, tmp_path, caplog, capsys):
-    caplog.set_level(logging.DEBUG)
+    # Everything this project logs, at any level (Beam's own DEBUG element dumps are the runner's, off
+    # in production, and left out: they would print any pipeline's data).
+    caplog.set_level(logging.INFO)
+    for name in ('pipelines', 'transforms'):
+        caplog.set_level(logging.DEBUG, logger=name)
     sites = _paid_sites(paid)
     bad_nir_site, bad_siren_site = sites[0], sites[1]
     victim = next(s['employee_id'] for s in paid['payslips'] if s['establishment_siret'] == bad_nir_site)
@@ -221,3 +230,4 @@ def test_invalid_nir_or_siren_refuses_only_that_establishment(paid, declared, tm
     seen = caplog.text + captured.out + captured.err + json.dumps(letters)
     nirs = {e['nir'] for e in employees} | {e['nir'][:13] for e in employees}
     assert not [nir for nir in nirs if nir in seen]
+    assert f'for {bad_nir_site} refused' in caplog.text

@@ -13,6 +13,7 @@ import pytest
 
 from pipelines import generate
 from pipelines import cpf
+from pipelines import dsn
 from pipelines import flink
 from pipelines import generate_payroll
 from pipelines import matching
@@ -127,6 +128,29 @@ def test_flink_cluster_runs_cpf_with_the_local_results(tmp_path, payroll_data, l
     on_flink = run_cpf(tmp_path / 'flink', *flink_cluster.beam_args())
     _assert_same_datasets(tmp_path / 'flink', tmp_path / 'local', ('cpf_credits',))
     assert on_flink['credited_cents'] == local['credited_cents'] > 0
+
+
+def test_flink_cluster_runs_dsn_with_the_local_results(tmp_path, payroll_data, local_payroll, flink_cluster):
+    paid = local_payroll[0]
+
+    def run_dsn(output, *beam_args):
+        return dsn.run([
+            '--period', '2026-11', '--output', str(output),
+            '--payslips', str(paid / 'payslips' / '*' / 'part-*.parquet'),
+            '--payslip_lines', str(paid / 'payslip_lines' / '*' / 'part-*.parquet'),
+            *(arg for name in ('employees', 'contracts', 'establishments', 'withholding_rates')
+              for arg in (f'--{name}', str(payroll_data / f'{name}.parquet'))),
+            '--ape_code', '6201Z', '--at_risk_code', '620AA', '--urssaf_id', '78861779300013',
+            '--contact_civility', '02', '--contact_name', 'Service paie', '--contact_email', 'paie@example.fr',
+            '--contact_phone', '0102030405', '--buckets', '8', *beam_args])
+    local = run_dsn(tmp_path / 'local')
+    on_flink = run_dsn(tmp_path / 'flink', *flink_cluster.beam_args())
+    _assert_same_datasets(tmp_path / 'flink', tmp_path / 'local', ('files',))
+
+    def index(output):  # the same rows but for the path of each file, which names its run's directory
+        return [{k: v for k, v in row.items() if k != 'path'} for row in read_parquet_dataset(str(output / 'index')).to_pylist()]
+    assert index(tmp_path / 'flink') == index(tmp_path / 'local')
+    assert on_flink['files_written'] == local['files_written'] > 0
 
 
 def test_hrbatch_flink_status_reports_the_cluster_and_how_to_submit(flink_cluster, capsys):
