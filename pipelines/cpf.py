@@ -11,6 +11,8 @@ whose ``last_credited_year`` already covers the year is reported ``already_credi
         --employees in/employees.parquet --balances in/cpf_balances.parquet --output out/cpf-2026
 """
 import dataclasses
+import functools
+import json
 import sys
 
 import apache_beam as beam
@@ -24,12 +26,13 @@ from pipelines import options as opts
 from transforms import cpf
 from transforms import schemas
 from transforms.dead_letters import METRICS_NAMESPACE
+from transforms.dead_letters import DeadLetter
 from transforms.dead_letters import WriteDeadLetters
 from transforms.keyed_write import WriteKeyed
 from transforms.keyed_write import WritePartitions
 from transforms.keyed_write import bucket_dir
-from transforms.read import ReadRecords
-from transforms.routing import SplitByKeyBucket
+from transforms.routing import ReadGroupedByKey
+from transforms.routing import split_blocked
 from transforms.routing import tagged_tables
 
 NAME = 'cpf'
@@ -76,7 +79,10 @@ class CpfConfig:
                    buckets=values['buckets'], run_id=run_id)
 
 
-def _of_year(batch: pa.RecordBatch, year: int) -> pa.RecordBatch:
+def _of_year(name: str, batch: pa.RecordBatch, year: int) -> pa.RecordBatch:
+    """The rows of ``year``: payslips by their period, absences by their year; others whole."""
+    if name not in ('payslips', 'absences'):
+        return batch
     if 'period' in batch.schema.names:
         return batch.filter(pc.starts_with(batch.column('period'), f'{year}-'))
     return batch.filter(pc.equal(batch.column('year'), year))
@@ -91,37 +97,33 @@ class _CreditBucketFn(beam.DoFn):
 
     def process(self, element):
         bucket, items = element
-        tables = tagged_tables(items, {name: schema for name, (schema, _) in _INPUTS.items()})
+        records, blocked = split_blocked(items)
+        tables = tagged_tables(records, {name: schema for name, (schema, _) in _INPUTS.items()})
         result = cpf.credit(self._year, tables['payslips'], tables['absences'], tables['employees'],
                             tables['balances'])
         for letter in result.dead_letters:
             yield beam.pvalue.TaggedOutput(_DEAD_LETTERS, letter)
-        if result.credits.num_rows:
-            credited = pc.greater(result.credits.column('credit_cents'), 0)
+        credits = result.credits
+        if blocked:  # a rejected record (an absence, a counter) could change the credit: none is given
+            for employee_id, reason in sorted(blocked.items()):
+                yield beam.pvalue.TaggedOutput(_DEAD_LETTERS, DeadLetter(
+                    step=cpf.STEP, error=f'employee {employee_id} not credited: {reason}',
+                    payload=json.dumps({'employee_id': employee_id}), source=''))
+            credits = credits.filter(pc.invert(pc.is_in(credits.column('employee_id'), pa.array(sorted(blocked)))))
+        if credits.num_rows:
+            credited = pc.greater(credits.column('credit_cents'), 0)
             self._credited.inc(pc.sum(credited).as_py() or 0)
-            self._cents.inc(pc.sum(result.credits.column('credit_cents')).as_py() or 0)
-            yield bucket_dir('employee_id', bucket), result.credits
+            self._cents.inc(pc.sum(credits.column('credit_cents')).as_py() or 0)
+            yield bucket_dir('employee_id', bucket), credits
 
 
 def build(pipeline: beam.Pipeline, config: CpfConfig, store=None) -> dict:
     del store  # the credits are recomputed from the inputs; the keyed writes make that idempotent
-    routed, letters = [], []
-    for name, (schema, _) in _INPUTS.items():
-        if config.inputs[name] is None:
-            continue
-        label = name.title()
-        read = pipeline | f'Read{label}' >> ReadRecords(file_pattern=config.inputs[name], schema=schema,
-                                                        step=f'Read{label}')
-        records = read.records
-        if name in ('payslips', 'absences'):
-            records = records | f'{label}OfYear' >> beam.Map(_of_year, config.year)
-        routed.append(records | f'Route{label}' >> beam.ParDo(
-            SplitByKeyBucket(name, 'employee_id', config.buckets, columns=schema.names)))
-        letters.append(read.dead_letters)
+    read = pipeline | 'ByEmployee' >> ReadGroupedByKey(
+        inputs={name: (config.inputs[name], schema) for name, (schema, _) in _INPUTS.items()},
+        key='employee_id', buckets=config.buckets, keep=functools.partial(_of_year, year=config.year))
     credited = (
-        routed
-        | 'AllByEmployee' >> beam.Flatten()
-        | 'GroupByBucket' >> beam.GroupByKey()
+        read['grouped']
         | 'Credit' >> beam.ParDo(_CreditBucketFn(config.year)).with_outputs(_DEAD_LETTERS, main='credits'))
     credited.credits | 'WriteCredits' >> WritePartitions(schema=schemas.CPF_CREDITS,
                                                          target=FileSystems.join(config.output, 'cpf_credits'))
@@ -129,7 +131,7 @@ def build(pipeline: beam.Pipeline, config: CpfConfig, store=None) -> dict:
         (credited.credits
          | 'CreditBatches' >> beam.FlatMap(lambda partition: partition[1].to_batches())
          | 'WriteCreditsToDatabase' >> WriteKeyed(schema=schemas.CPF_CREDITS, target=config.database))
-    dead_letters = (*letters, credited[_DEAD_LETTERS]) | 'AllDeadLetters' >> beam.Flatten()
+    dead_letters = (read['rejected'], credited[_DEAD_LETTERS]) | 'AllDeadLetters' >> beam.Flatten()
     dead_letters | 'WriteDeadLetters' >> WriteDeadLetters(
         output_prefix=FileSystems.join(config.output, 'dead_letters', 'dead_letters'), run_id=config.run_id)
     return {'credits': credited.credits, 'dead_letters': dead_letters}

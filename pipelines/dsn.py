@@ -39,6 +39,7 @@ several contracts of one employee in the month, and the versement mobilité comm
 """
 import csv
 import dataclasses
+import functools
 import datetime
 import decimal
 import hashlib
@@ -72,8 +73,7 @@ from transforms.keyed_write import remove_temp_dir
 from transforms.payroll_inputs import contracts_in_month
 from transforms.payroll_rules import PayrollRules
 from transforms.read import ReadRecords
-from transforms.routing import SplitByKeyBucket
-from transforms.routing import route_rejection
+from transforms.routing import ReadGroupedByKey
 from transforms.routing import split_blocked
 from transforms.routing import tagged_tables
 
@@ -275,7 +275,9 @@ def file_name(siret: str, period: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # Stage 1: every record of an employee in one bucket; one record per paid employee, keyed by SIRET
 
-def _of_period(batch: pa.RecordBatch, period: str) -> pa.RecordBatch:
+def _of_period(name: str, batch: pa.RecordBatch, period: str) -> pa.RecordBatch:
+    if 'period' not in batch.schema.names:
+        return batch
     return batch.filter(pc.equal(batch.column('period'), period))
 
 
@@ -669,28 +671,15 @@ def _site_items(batch: pa.RecordBatch):
 def build(pipeline: beam.Pipeline, config: DsnConfig, store=None) -> dict:
     """Adds the DSN graph to ``pipeline``; returns its PCollections by name."""
     del store  # the files are rebuilt whole on every run; publishing makes that idempotent
-    routed, rejected = [], []
-    for name, (schema, required) in _BY_EMPLOYEE.items():
-        pattern = config.inputs[name]
-        if pattern is None:
-            continue
-        label = ''.join(part.title() for part in name.split('_'))
-        read = pipeline | f'Read{label}' >> ReadRecords(file_pattern=pattern, schema=schema, step=f'Read{label}')
-        records = read.records
-        if 'period' in schema.names:
-            records = records | f'{label}OfPeriod' >> beam.Map(_of_period, config.period)
-        routed.append(records | f'Route{label}' >> beam.ParDo(
-            SplitByKeyBucket(name, 'employee_id', config.buckets, columns=schema.names)))
-        rejected.append(read.dead_letters)
+    read = pipeline | 'ByEmployee' >> ReadGroupedByKey(
+        inputs={name: (config.inputs[name], schema) for name, (schema, _) in _BY_EMPLOYEE.items()},
+        key='employee_id', buckets=config.buckets, keep=functools.partial(_of_period, period=config.period))
     sites = pipeline | 'ReadEstablishments' >> ReadRecords(
         file_pattern=config.inputs['establishments'], schema=_unchecked(schemas.ESTABLISHMENTS),
         step='ReadEstablishments')
-    read_letters = rejected | 'ReadRejections' >> beam.Flatten()
-    blocked = read_letters | 'RouteRejections' >> beam.FlatMap(route_rejection, config.buckets)
+    read_letters = read['rejected']
     people = (
-        (*routed, blocked)
-        | 'AllByEmployee' >> beam.Flatten()
-        | 'GroupByBucket' >> beam.GroupByKey()
+        read['grouped']
         | 'JoinBuckets' >> beam.ParDo(_JoinBucketFn(config.period)))
     site_items = sites.records | 'KeySites' >> beam.FlatMap(_site_items)
     declared = (

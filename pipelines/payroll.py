@@ -29,6 +29,7 @@ maladie and family rates, and the tax and social exemption of overtime.
         --output out/payroll-2026-11
 """
 import dataclasses
+import functools
 import logging
 import sys
 
@@ -51,8 +52,7 @@ from transforms.keyed_write import WritePartitions
 from transforms.keyed_write import bucket_dir
 from transforms.payroll_rules import PayrollRules
 from transforms.read import ReadRecords
-from transforms.routing import SplitByKeyBucket
-from transforms.routing import route_rejection
+from transforms.routing import ReadGroupedByKey
 from transforms.routing import split_blocked
 from transforms.routing import tagged_tables
 
@@ -110,7 +110,10 @@ class PayrollConfig:
                    buckets=values['buckets'], run_id=run_id)
 
 
-def _of_period(batch: pa.RecordBatch, period: str) -> pa.RecordBatch:
+def _of_period(name: str, batch: pa.RecordBatch, period: str) -> pa.RecordBatch:
+    """The rows of ``period``, for inputs that have one (variable elements, withholding rates)."""
+    if 'period' not in batch.schema.names:
+        return batch
     return batch.filter(pc.equal(batch.column('period'), period))
 
 
@@ -195,27 +198,14 @@ def _controls_batch(sums: list, period: str, items: tuple[str, ...]) -> pa.Recor
 def build(pipeline: beam.Pipeline, config: PayrollConfig, store=None) -> dict:
     """Adds the payroll graph to ``pipeline``; returns its PCollections by name."""
     del store  # every run recomputes the month; the keyed writes make that idempotent
-    routed, rejected = [], []
-    for name, (schema, required) in _BY_EMPLOYEE.items():
-        pattern = config.inputs[name]
-        if pattern is None:
-            continue
-        label = ''.join(part.title() for part in name.split('_'))
-        read = pipeline | f'Read{label}' >> ReadRecords(file_pattern=pattern, schema=schema, step=f'Read{label}')
-        records = read.records
-        if 'period' in schema.names:
-            records = records | f'{label}OfPeriod' >> beam.Map(_of_period, config.period)
-        routed.append(records | f'Route{label}' >> beam.ParDo(
-            SplitByKeyBucket(name, 'employee_id', config.buckets, columns=schema.names)))
-        rejected.append(read.dead_letters)
+    read = pipeline | 'ByEmployee' >> ReadGroupedByKey(
+        inputs={name: (config.inputs[name], schema) for name, (schema, _) in _BY_EMPLOYEE.items()},
+        key='employee_id', buckets=config.buckets, keep=functools.partial(_of_period, period=config.period))
     sites = pipeline | 'ReadEstablishments' >> ReadRecords(
         file_pattern=config.inputs['establishments'], schema=schemas.ESTABLISHMENTS, step='ReadEstablishments')
-    read_letters = rejected | 'ReadRejections' >> beam.Flatten()
-    blocked = read_letters | 'RouteRejections' >> beam.FlatMap(route_rejection, config.buckets)
+    read_letters = read['rejected']
     paid = (
-        (*routed, blocked)
-        | 'AllByEmployee' >> beam.Flatten()
-        | 'GroupByBucket' >> beam.GroupByKey()
+        read['grouped']
         | 'PayBuckets' >> beam.ParDo(_PayBucketFn(config.period), establishments=beam.pvalue.AsList(sites.records))
         .with_outputs(_TOTALS, _CONTROLS, _DEAD_LETTERS, main='lines'))
     controls = (

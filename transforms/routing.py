@@ -16,6 +16,7 @@ from apache_beam.metrics import Metrics
 
 from transforms.dead_letters import METRICS_NAMESPACE
 from transforms.deduplicate import stable_buckets
+from transforms.read import ReadRecords
 
 
 class SplitByKeyBucket(beam.DoFn):
@@ -88,3 +89,36 @@ def split_blocked(items) -> tuple[list, dict]:
         else:
             rest.append((name, value))
     return rest, blocked
+
+
+class ReadGroupedByKey(beam.PTransform):
+    """Reads several inputs and groups every record of each key (employee) into its bucket.
+
+    ``inputs``: name -> (file pattern, ``RecordSchema``); ``None`` patterns are skipped.
+    ``keep(name, batch)``, if given, keeps the rows of a read batch that matter (e.g. one month's).
+    Returns ``{'grouped': (bucket, [(name, batch) or (BLOCKED, (key, reason)), ...]),
+    'rejected': the readers' dead letters}``: a record rejected when read blocks its key (see
+    ``route_rejection``; ``split_blocked`` separates them again).
+    """
+
+    def __init__(self, *, inputs: dict, key: str, buckets: int, keep=None):
+        super().__init__()
+        self._inputs, self._key, self._buckets, self._keep = inputs, key, buckets, keep
+
+    def expand(self, pbegin):
+        routed, rejected, keep = [], [], self._keep
+        for name, (pattern, schema) in self._inputs.items():
+            if pattern is None:
+                continue
+            label = ''.join(part.title() for part in name.split('_'))
+            read = pbegin | f'Read{label}' >> ReadRecords(file_pattern=pattern, schema=schema, step=f'Read{label}')
+            records = read.records
+            if keep is not None:
+                records = records | f'Keep{label}' >> beam.Map(lambda batch, n: keep(n, batch), name)
+            routed.append(records | f'Route{label}' >> beam.ParDo(
+                SplitByKeyBucket(name, self._key, self._buckets, columns=schema.names)))
+            rejected.append(read.dead_letters)
+        letters = rejected | 'ReadRejections' >> beam.Flatten()
+        blocked = letters | 'RouteRejections' >> beam.FlatMap(route_rejection, self._buckets)
+        grouped = (*routed, blocked) | 'AllByKey' >> beam.Flatten() | 'GroupByBucket' >> beam.GroupByKey()
+        return {'grouped': grouped, 'rejected': letters}

@@ -83,3 +83,16 @@ def test_running_the_year_twice_never_credits_twice(tmp_path, year_of_payslips):
     with sqlite3.connect(output / 'hrbatch.db') as db:
         (rows, total), = db.execute('SELECT COUNT(*), SUM(credit_cents) FROM cpf_credits').fetchall()
     assert rows == first['credits_written'] and total == first['credited_cents']
+
+
+def test_an_employee_with_a_rejected_record_gets_no_credit_and_a_dead_letter(tmp_path, year_of_payslips):
+    absences = [dict(employee_id='E00000005', year=2026, kind='maternity', hours=-10.0),
+                dict(employee_id='E00000006', year=2026, kind='holiday', hours=10.0)]
+    pq.write_table(pa.Table.from_pylist(absences, schema=schemas.ABSENCES.arrow_schema()), tmp_path / 'a.parquet')
+    summary = _run(year_of_payslips, tmp_path / 'out', '--absences', str(tmp_path / 'a.parquet'), '--database', 'none')
+    credits = {r['employee_id'] for r in read_parquet_dataset(str(tmp_path / 'out' / 'cpf_credits')).to_pylist()}
+    assert 'E00000005' not in credits and 'E00000006' not in credits and 'E00000007' in credits
+    letters = [line for path in (tmp_path / 'out' / 'dead_letters').glob('*.jsonl')
+               for line in path.read_text().splitlines()]
+    not_credited = [line for line in letters if 'not credited' in line]
+    assert len(not_credited) == 2 and summary['dead_letters'] == len(letters) == 4  # 2 read + 2 not credited
