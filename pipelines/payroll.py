@@ -19,9 +19,10 @@ and each bucket is exactly one Parquet partition of the payslips and of their li
 step that computed it (no second shuffle of the 20-odd lines per payslip). Establishments are a
 side input.
 
-Not implemented yet (see the closing notes): the RGDU's yearly progressive regularisation (the
-reduction is computed on the month alone), several successive contracts in one month, the reduced
-maladie and family rates, and the tax and social exemption of overtime.
+With ``--previous_payslips`` (the earlier months of the year), the RGDU is computed progressively
+from their year-to-date totals (``transforms.payslips``). Not implemented yet: several successive
+contracts in one month, the reduced maladie and family rates, and the tax and social exemption of
+overtime.
 
     hrbatch run payroll --period 2026-11 --employees in/employees.parquet \\
         --establishments in/establishments.parquet --contracts in/contracts.parquet \\
@@ -68,6 +69,8 @@ _BY_EMPLOYEE = {
     'contracts': (schemas.CONTRACTS, True),
     'variable_elements': (schemas.VARIABLE_ELEMENTS, False),
     'withholding_rates': (schemas.WITHHOLDING_RATES, False),
+    'previous_payslips': (schemas.PAYSLIPS.project(('employee_id', 'period', *payroll_inputs.YTD_COLUMNS),
+                                                   name='previous_payslips'), False),
 }
 _CONTROL_TOTALS = ('gross_cents', 'employee_contributions_cents', 'net_before_tax_cents', 'net_taxable_cents',
                    'pas_cents', 'net_pay_cents', 'employer_contributions_cents', 'rgdu_cents', 'employer_cost_cents')
@@ -80,6 +83,8 @@ OPTIONS = (
     opts.Option('variable_elements', "The month's variable elements (overtime, bonuses, unpaid absences). "
                 'Rows of other months are ignored. Default: none.'),
     opts.Option('withholding_rates', 'Personal withholding (PAS) rates; without one the taux neutre grid applies.'),
+    opts.Option('previous_payslips', "Earlier payslips of the year (this pipeline's payslips output, a glob): the "
+                'RGDU is computed progressively from their year-to-date totals. Default: none (the month alone).'),
     opts.Option('output', 'Output directory (local or gs://): payslip_lines/, payslips/, controls/, dead_letters/.',
                 required=True),
     opts.Option('database', 'Where payslips are upserted: sqlite:///PATH, postgresql://..., or "none". '
@@ -111,7 +116,11 @@ class PayrollConfig:
 
 
 def _of_period(name: str, batch: pa.RecordBatch, period: str) -> pa.RecordBatch:
-    """The rows of ``period``, for inputs that have one (variable elements, withholding rates)."""
+    """The rows of ``period`` (variable elements, withholding rates), or of the year before it
+    (previous payslips); other inputs whole."""
+    if name == 'previous_payslips':
+        return batch.filter(pc.and_(pc.starts_with(batch.column('period'), period[:5]),
+                                    pc.less(batch.column('period'), period)))
     if 'period' not in batch.schema.names:
         return batch
     return batch.filter(pc.equal(batch.column('period'), period))
@@ -135,7 +144,8 @@ class _PayBucketFn(beam.DoFn):
         assembled = payroll_inputs.assemble(
             self._period, tables['employees'], tables['contracts'], tables['variable_elements'],
             tables['withholding_rates'], tagged_tables([('sites', b) for b in establishments],
-                                                       {'sites': schemas.ESTABLISHMENTS})['sites'], blocked)
+                                                       {'sites': schemas.ESTABLISHMENTS})['sites'], blocked,
+            previous=tables['previous_payslips'])
         self._without_contract.inc(assembled.without_contract)
         for letter in assembled.dead_letters:
             yield beam.pvalue.TaggedOutput(_DEAD_LETTERS, letter)

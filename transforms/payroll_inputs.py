@@ -87,10 +87,27 @@ def _contract_reason(rows: list[dict]) -> str:
             f'({", ".join(r["contract_id"] for r in rows)}): not supported yet')
 
 
+YTD_COLUMNS = ('ytd_gross_cents', 'ytd_smic_reference_cents', 'ytd_rgdu_cents')
+
+
+def latest_year_to_date(previous: pa.Table, period: str) -> pa.Table:
+    """(employee_id, ytd_*) of each employee's latest payslip of the same year before ``period``:
+    the year-to-date totals the RGDU's progressive computation continues from."""
+    mine = previous.filter(pc.and_(pc.starts_with(previous.column('period'), period[:5]),
+                                   pc.less(previous.column('period'), period)))
+    if not mine.num_rows:
+        return pa.table({'employee_id': pa.array([], pa.string()),
+                         **{name: pa.array([], pa.int64()) for name in YTD_COLUMNS}})
+    latest = mine.group_by('employee_id').aggregate([('period', 'max')])
+    latest = pa.table({'employee_id': latest.column('employee_id'), 'period': latest.column('period_max')})
+    return mine.join(latest, ['employee_id', 'period'], join_type='inner').select(['employee_id', *YTD_COLUMNS])
+
+
 def assemble(period: str, employees: pa.Table, contracts: pa.Table, variables: pa.Table, rates: pa.Table,
-             establishments: pa.Table, blocked: dict[str, str]) -> Assembled:
+             establishments: pa.Table, blocked: dict[str, str], previous: pa.Table | None = None) -> Assembled:
     """See the module docstring. ``variables`` and ``rates`` hold the rows of ``period`` only;
-    ``blocked`` maps an employee id to why one of its records was rejected at read."""
+    ``blocked`` maps an employee id to why one of its records was rejected at read; ``previous``:
+    earlier payslips of the year (``schemas.PAYSLIPS`` columns employee_id, period, ytd_*), if any."""
     letters: dict[str, DeadLetter] = {}
 
     def refuse(employee_id, error, **records):
@@ -142,6 +159,8 @@ def assemble(period: str, employees: pa.Table, contracts: pa.Table, variables: p
               .join(variables.select(['employee_id', 'overtime_hours', 'bonus', 'unpaid_absence_hours']),
                     'employee_id', join_type='left outer')
               .join(rates.select(['employee_id', 'pas_rate']), 'employee_id', join_type='left outer'))
+    if previous is not None:
+        joined = joined.join(latest_year_to_date(previous, period), 'employee_id', join_type='left outer')
     n = joined.num_rows
     days = month_bounds(period)[1].day
     joined = (joined.set_column(joined.schema.get_field_index('overtime_hours'), 'overtime_hours',
@@ -150,6 +169,9 @@ def assemble(period: str, employees: pa.Table, contracts: pa.Table, variables: p
               .set_column(joined.schema.get_field_index('unpaid_absence_hours'), 'unpaid_absence_hours',
                           joined.column('unpaid_absence_hours').fill_null(0.0))
               .append_column('days_in_month', pa.array(np.full(n, days, dtype=np.int64))))
+    for name in YTD_COLUMNS:
+        if name not in joined.column_names:
+            joined = joined.append_column(name, pa.nulls(joined.num_rows, pa.int64()))
     ordered = joined.select(payslips.MONTH_INPUT.names).cast(payslips.MONTH_INPUT).sort_by('employee_id')
     without_contract = len(known - with_contract - set(letters))
     return Assembled(ordered, [letters[k] for k in sorted(letters)], without_contract)

@@ -21,10 +21,13 @@ Rules applied (DOMAIN.md, with ``transforms/rules/`` for the figures):
 - Net avant impôt = gross - employee contributions; net imposable = net avant impôt + CSG non
   déductible and CRDS; PAS = personal rate (else the taux neutre grid) x net imposable; net à payer =
   net avant impôt - PAS.
-- RGDU: C = Tmin + Tdelta x (0.5 x (3 x SMIC reference / gross - 1)) ^ 1.75, at most Tmin + Tdelta,
-  0 at or above 3 SMIC, rounded to 4 decimals; reduction = C x gross. SMIC reference = the RGDU SMIC
-  x hours paid (contract hours of the days of presence - absence hours + overtime hours). Computed on
-  the month alone (see the module's note in pipelines/payroll.py on the yearly regularisation).
+- RGDU, computed progressively over the year (CSS D241-7): with the year-to-date gross G and SMIC
+  reference S (this month included; ``ytd_*`` inputs carry the previous months'), C = Tmin + Tdelta
+  x (0.5 x (3 x S / G - 1)) ^ 1.75, at most Tmin + Tdelta, 0 at or above 3 SMIC, rounded to 4
+  decimals; the month's reduction = C x G - the reduction of the previous months (negative when
+  the earlier months took too much: the regularisation). SMIC reference of a month = the RGDU SMIC
+  x hours paid (contract hours of the days of presence - absence hours + overtime hours). With no
+  previous month (January, or no history given) it is the month's own computation.
 - Employer cost = gross + employer contributions - RGDU.
 """
 import decimal
@@ -54,6 +57,10 @@ MONTH_INPUT = pa.schema([
     pa.field('bonus', pa.float64(), nullable=False),             # EUR
     pa.field('unpaid_absence_hours', pa.float64(), nullable=False),
     pa.field('pas_rate', pa.float64(), nullable=True),           # percent; null: the taux neutre grid
+    # Year to date before this month (the previous payslip's ytd_* totals); null: none this year.
+    pa.field('ytd_gross_cents', pa.int64(), nullable=True),
+    pa.field('ytd_smic_reference_cents', pa.int64(), nullable=True),
+    pa.field('ytd_rgdu_cents', pa.int64(), nullable=True),
 ])
 
 LINES = schemas.PAYSLIP_LINES.arrow_schema()
@@ -155,8 +162,12 @@ class _Lines:
 
 def compute(month: pa.Table, rules: PayrollRules) -> tuple[pa.Table, pa.Table]:
     """Payslip lines (``LINES``) and totals (``TOTALS``) of every row of ``month`` (``MONTH_INPUT``)."""
+    for name in ('ytd_gross_cents', 'ytd_smic_reference_cents', 'ytd_rgdu_cents'):
+        if name not in month.column_names:  # no history given: the month alone
+            month = month.append_column(name, pa.nulls(month.num_rows, pa.int64()))
     month = month.select(MONTH_INPUT.names).cast(MONTH_INPUT)
-    m = {name: month.column(name).to_numpy(zero_copy_only=False) for name in MONTH_INPUT.names if name != 'pas_rate'}
+    m = {name: month.column(name).fill_null(0).to_numpy(zero_copy_only=False) if name.startswith('ytd_') else
+         month.column(name).to_numpy(zero_copy_only=False) for name in MONTH_INPUT.names if name != 'pas_rate'}
     for flag in ('cadre', 'alsace_moselle'):
         m[flag] = m[flag].astype(bool)
     ids = month.column('employee_id').combine_chunks()
@@ -229,12 +240,15 @@ def compute(month: pa.Table, rules: PayrollRules) -> tuple[pa.Table, pa.Table]:
     tmin = _param(rules, 'rgdu_tmin')
     tdelta = np.where(m['company_headcount'] < 50, _param(rules, 'rgdu_tdelta_under_50'),
                       _param(rules, 'rgdu_tdelta_50_plus'))
+    ytd_gross = m['ytd_gross_cents'] + gross
+    ytd_smic = m['ytd_smic_reference_cents'] + smic_reference
     with np.errstate(divide='ignore', invalid='ignore'):
-        ratio = np.where(gross > 0, 3 * smic_reference / np.maximum(gross, 1), 0.0)
+        ratio = np.where(ytd_gross > 0, 3 * ytd_smic / np.maximum(ytd_gross, 1), 0.0)
     raw = tmin + tdelta * np.power(np.maximum(0.5 * (ratio - 1), 0.0), _param(rules, 'rgdu_exponent'))
     coefficient_e4 = np.where(ratio > 1, round_cents(np.minimum(raw, tmin + tdelta) * 10_000), 0)
-    rgdu = (coefficient_e4 * gross + 5_000) // 10_000
-    lines.add(rgdu > 0, 'rgdu', 'reduction', 'Réduction générale dégressive unique', base=gross,
+    ytd_rgdu = (coefficient_e4 * np.maximum(ytd_gross, 0) + 5_000) // 10_000
+    rgdu = ytd_rgdu - m['ytd_rgdu_cents']
+    lines.add(rgdu != 0, 'rgdu', 'reduction', 'Réduction générale dégressive unique', base=gross,
               employee=0, employer=-rgdu, employer_rate=coefficient_e4 / 100)
 
     # Net and withholding tax.
@@ -259,6 +273,7 @@ def compute(month: pa.Table, rules: PayrollRules) -> tuple[pa.Table, pa.Table]:
         'employer_contributions_cents': employer_total, 'rgdu_coefficient': coefficient_e4 / 10_000,
         'rgdu_cents': rgdu, 'employer_cost_cents': gross + employer_total - rgdu, 'ceiling_cents': ceiling,
         'hours_paid': hours_paid, 'smic_reference_cents': smic_reference,
+        'ytd_gross_cents': ytd_gross, 'ytd_smic_reference_cents': ytd_smic, 'ytd_rgdu_cents': ytd_rgdu,
     }, schema=TOTALS)
     return lines.table(), totals
 

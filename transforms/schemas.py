@@ -374,6 +374,9 @@ PAYSLIPS = RecordSchema(
         *(Field(name, pa.int64()) for name in ('rgdu_cents', 'employer_cost_cents', 'ceiling_cents')),
         Field('hours_paid', pa.float64()),
         Field('smic_reference_cents', pa.int64()),
+        Field('ytd_gross_cents', pa.int64(), doc='Gross of the year to date, this month included.'),
+        Field('ytd_smic_reference_cents', pa.int64(), doc='RGDU SMIC reference of the year to date.'),
+        Field('ytd_rgdu_cents', pa.int64(), doc='RGDU of the year to date: the next month regularises against it.'),
     ),
 )
 

@@ -195,3 +195,34 @@ def test_a_month_without_rules_fails_at_launch_naming_it(tmp_path, inputs):
         args += [f'--{name}', inputs[name]]
     with pytest.raises(ConfigError, match='no payroll rule for 2025-12'):
         payroll.run(args)
+
+
+def test_the_rgdu_continues_from_the_previous_payslips_of_the_year(tmp_path):
+    from pipelines import generate_payroll
+    data = tmp_path / 'in'
+    generate_payroll.generate_payroll(str(data), employees=200, period='2026-11', seed=8)
+
+    def pay(period, *extra):
+        args = ['--period', period, '--output', str(tmp_path / period), '--database', 'none', '--buckets', '4']
+        for name in generate_payroll.DATASETS:
+            args += [f'--{name}', str(data / f'{name}.parquet')]
+        payroll.run(args + list(extra))
+        return {r['employee_id']: r for r in read_parquet_dataset(str(tmp_path / period / 'payslips')).to_pylist()}
+
+    october = pay('2026-10')
+    alone = pay('2026-11')
+    november = pay('2026-11', '--previous_payslips', str(tmp_path / '2026-10' / 'payslips' / '*' / 'part-*.parquet'),
+                   '--run_key', 'payroll:2026-11:progressive')
+    both = sorted(set(october) & set(november))
+    assert len(both) > 150
+    regularised = 0
+    for employee_id in both:
+        oct_, nov = october[employee_id], november[employee_id]
+        assert nov['ytd_gross_cents'] == oct_['ytd_gross_cents'] + nov['gross_cents']
+        assert nov['ytd_smic_reference_cents'] == oct_['ytd_smic_reference_cents'] + nov['smic_reference_cents']
+        assert nov['rgdu_cents'] == nov['ytd_rgdu_cents'] - oct_['ytd_rgdu_cents']
+        regularised += nov['rgdu_cents'] != alone[employee_id]['rgdu_cents']
+        assert nov['gross_cents'] == alone[employee_id]['gross_cents']
+    assert regularised > 0  # months that differ make the progressive result differ from the month alone
+    for employee_id in set(november) - set(october):  # hired in November: the month alone
+        assert november[employee_id]['rgdu_cents'] == alone[employee_id]['rgdu_cents']

@@ -241,3 +241,30 @@ def test_many_employees_at_once_equal_one_at_a_time():
         assert mine.to_pylist() == alone_lines.to_pylist()
         assert together_totals.filter(pa.compute.equal(together_totals.column('employee_id'), row['employee_id'])
                                       ).to_pylist() == alone_totals.to_pylist()
+
+
+def test_rgdu_is_computed_progressively_over_the_year():
+    """January at the SMIC takes the full reduction; a February bonus lifts the year-to-date pay, so
+    February's reduction is the year's coefficient x the year's gross minus January's: negative here
+    (the regularisation)."""
+    _, january = _compute('2026-01', _row(presence_days=31, days_in_month=31))
+    jan = january.to_pylist()[0]
+    assert (jan['ytd_gross_cents'], jan['ytd_rgdu_cents']) == (1823_03, 725_75)
+    february_row = _row(presence_days=28, days_in_month=28, bonus=3000.0, ytd_gross_cents=jan['ytd_gross_cents'],
+                        ytd_smic_reference_cents=jan['ytd_smic_reference_cents'], ytd_rgdu_cents=jan['ytd_rgdu_cents'])
+    lines, february = _compute('2026-02', february_row)
+    feb = february.to_pylist()[0]
+    gross, smic = D(jan['ytd_gross_cents'] + feb['gross_cents']) / 100, D(2 * 1823_03) / 100
+    assert feb['gross_cents'] == 4823_03 and D(feb['ytd_gross_cents']) / 100 == gross
+    c = D('0.02') + D('0.3781') * D(float(D('0.5') * (3 * smic / gross - 1)) ** 1.75)
+    c = c.quantize(D('0.0001'), decimal.ROUND_HALF_UP)
+    year = (c * gross).quantize(CENT, decimal.ROUND_HALF_UP)
+    assert D(str(feb['rgdu_coefficient'])) == c
+    assert _euros(feb['ytd_rgdu_cents']) == year
+    assert _euros(feb['rgdu_cents']) == year - D('725.75') < 0
+    rgdu_line = [r for r in lines.to_pylist() if r['rubric'] == 'rgdu'][0]
+    assert rgdu_line['employer_cents'] == -feb['rgdu_cents'] > 0       # the employer pays back
+    assert feb['employer_cost_cents'] == feb['gross_cents'] + feb['employer_contributions_cents'] - feb['rgdu_cents']
+    # The same two months computed alone would give February its own, positive, reduction.
+    alone = _compute('2026-02', _row(presence_days=28, days_in_month=28, bonus=3000.0))[1].to_pylist()[0]
+    assert alone['rgdu_cents'] > 0 and alone['ytd_rgdu_cents'] == alone['rgdu_cents']
