@@ -39,9 +39,9 @@ several contracts of one employee in the month, and the versement mobilité comm
 """
 import csv
 import dataclasses
-import functools
 import datetime
 import decimal
+import functools
 import hashlib
 import importlib.resources
 import json
