@@ -1,7 +1,7 @@
 """The ``hrbatch`` command.
 
     hrbatch demo                      generate sample data and run matching on it (local defaults)
-    hrbatch generate --output DIR ... write seeded sample candidates and offers
+    hrbatch generate --output DIR ... write seeded sample data (candidates and offers, or employees)
     hrbatch run NAME [options]        run one pipeline; ``hrbatch run NAME --help`` lists its options
     hrbatch runs list|show RUN_ID     the run ledger (--database URL or $HRBATCH_DATABASE)
     hrbatch audit list|verify         the audit trail; verify exits 1 naming a tampered record
