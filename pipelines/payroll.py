@@ -20,9 +20,9 @@ step that computed it (no second shuffle of the 20-odd lines per payslip). Estab
 side input.
 
 With ``--previous_payslips`` (the earlier months of the year), the RGDU is computed progressively
-from their year-to-date totals (``transforms.payslips``). Not implemented yet: several successive
-contracts in one month, the reduced maladie and family rates, and the tax and social exemption of
-overtime.
+from their year-to-date totals (``transforms.payslips``). Not implemented yet: contracts in two
+establishments in one month, the reduced maladie and family rates, and the tax and social exemption
+of overtime.
 
     hrbatch run payroll --period 2026-11 --employees in/employees.parquet \\
         --establishments in/establishments.parquet --contracts in/contracts.parquet \\

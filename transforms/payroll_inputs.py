@@ -11,7 +11,9 @@ valid is paid:
   starts, negative hours, ...): paying without it could pay a wrong amount;
 - the employee record appears twice, or two variable-element or withholding rows for the month;
 - contracts that overlap in time: in two establishments at once, or twice in one;
-- several successive contracts in one month (not supported yet: each needs its own proration);
+- contracts in two establishments in one month (each establishment would pay its own part: not
+  supported yet). Successive contracts in one establishment (a fixed-term contract followed by a
+  permanent one) are paid as one: their days of presence add up;
 - a contract in an establishment that is not in the establishments input;
 - a contract, variable elements or a withholding rate whose employee is not in the employees input,
   and variable elements or a withholding rate for an employee with no contract in the month.
@@ -72,7 +74,9 @@ def _duplicates(ids: pa.Array) -> set[str]:
     return set(counts.field('values').filter(pc.greater(counts.field('counts'), 1)).to_pylist())
 
 
-def _contract_reason(rows: list[dict]) -> str:
+def _contract_reason(rows: list[dict]) -> str | None:
+    """Why these contracts of one month cannot be paid together; None when they follow one another
+    in one establishment (a fixed-term contract renewed, then a permanent one: paid as one)."""
     rows = sorted(rows, key=lambda r: (r['start_date'], r['contract_id']))
     for i, a in enumerate(rows):
         for b in rows[i + 1:]:
@@ -83,8 +87,35 @@ def _contract_reason(rows: list[dict]) -> str:
                             f'({a["establishment_siret"]}) and {b["contract_id"]} ({b["establishment_siret"]}) '
                             f'overlap from {b["start_date"]}')
                 return f'contracts {a["contract_id"]} and {b["contract_id"]} overlap from {b["start_date"]}'
-    return (f'{len(rows)} successive contracts in one month '
-            f'({", ".join(r["contract_id"] for r in rows)}): not supported yet')
+    if len({r['establishment_siret'] for r in rows}) > 1:
+        return (f'contracts in {len({r["establishment_siret"] for r in rows})} establishments in one month '
+                f'({", ".join(r["contract_id"] for r in rows)}): each establishment pays its own; not supported yet')
+    return None
+
+
+def _one_row_per_employee(month: pa.Table, several: set[str]) -> pa.Table:
+    """Successive contracts of one employee in the month (same establishment, no overlap) as one row:
+    days of presence added up, the monthly salary and the weekly hours averaged over those days, so
+    the base pay is the sum of each contract's prorated salary."""
+    columns = ['employee_id', 'establishment_siret', 'weekly_hours', 'monthly_salary', 'presence_days']
+    month = month.select(columns)
+    if not several:
+        return month
+    multiple = pc.is_in(month.column('employee_id'), pa.array(sorted(several), pa.string()))
+    grouped = month.filter(multiple)
+    days = grouped.column('presence_days').cast(pa.float64())
+    grouped = grouped.append_column('salary_days', pc.multiply(grouped.column('monthly_salary'), days)) \
+        .append_column('hours_days', pc.multiply(grouped.column('weekly_hours'), days))
+    summed = grouped.group_by(['employee_id', 'establishment_siret']).aggregate(
+        [('presence_days', 'sum'), ('salary_days', 'sum'), ('hours_days', 'sum')])
+    total = summed.column('presence_days_sum')
+    merged = pa.table({
+        'employee_id': summed.column('employee_id'), 'establishment_siret': summed.column('establishment_siret'),
+        'weekly_hours': pc.divide(summed.column('hours_days_sum'), total.cast(pa.float64())),
+        'monthly_salary': pc.divide(summed.column('salary_days_sum'), total.cast(pa.float64())),
+        'presence_days': total,
+    })
+    return pa.concat_tables([month.filter(pc.invert(multiple)), merged.cast(month.schema)])
 
 
 YTD_COLUMNS = ('ytd_gross_cents', 'ytd_smic_reference_cents', 'ytd_rgdu_cents')
@@ -138,7 +169,7 @@ def assemble(period: str, employees: pa.Table, contracts: pa.Table, variables: p
         if employee_id not in known:
             refuse(employee_id, 'contract ' + ', '.join(r['contract_id'] for r in rows) +
                    ' has no employee record', contracts=rows)
-        elif len(rows) > 1:
+        elif len(rows) > 1 and _contract_reason(rows):
             refuse(employee_id, _contract_reason(rows), contracts=rows)
         elif rows[0]['establishment_siret'] not in sites:
             refuse(employee_id, f'establishment {rows[0]["establishment_siret"]} of contract '
@@ -151,7 +182,7 @@ def assemble(period: str, employees: pa.Table, contracts: pa.Table, variables: p
 
     payable = pa.array(sorted(with_contract - set(letters)), pa.string())
     employees = employees.filter(pc.is_in(employees.column('employee_id'), payable))
-    month = month.filter(pc.is_in(month.column('employee_id'), payable))
+    month = _one_row_per_employee(month.filter(pc.is_in(month.column('employee_id'), payable)), several)
     joined = (month.select(['employee_id', 'establishment_siret', 'weekly_hours', 'monthly_salary', 'presence_days'])
               .join(employees.select(['employee_id', 'cadre', 'alsace_moselle']), 'employee_id')
               .join(establishments.select(['establishment_siret', 'company_headcount', 'at_mp_rate',

@@ -226,3 +226,29 @@ def test_the_rgdu_continues_from_the_previous_payslips_of_the_year(tmp_path):
     assert regularised > 0  # months that differ make the progressive result differ from the month alone
     for employee_id in set(november) - set(october):  # hired in November: the month alone
         assert november[employee_id]['rgdu_cents'] == alone[employee_id]['rgdu_cents']
+
+
+def test_successive_contracts_in_one_establishment_are_paid_as_one_and_two_establishments_are_refused():
+    employees = [_employee(1), _employee(2)]
+    contracts = [
+        _contract(1, start=datetime.date(2026, 6, 1), end=datetime.date(2026, 11, 15), salary=2000.0),  # CDD ends
+        _contract(1, start=datetime.date(2026, 11, 16), salary=2400.0, hours=35.0, suffix='b'),        # then CDI
+        _contract(2, start=datetime.date(2026, 1, 1), end=datetime.date(2026, 11, 10), salary=2000.0),
+        _contract(2, site=SITE_B, start=datetime.date(2026, 11, 11), salary=2000.0, suffix='b'),
+    ]
+    sites = [dict(establishment_siret=site, company_siren='732829320', name='x', company_headcount=40,
+                  at_mp_rate=1.0, mobility_rate=0.0) for site in (SITE_A, SITE_B)]
+
+    def table(rows, schema):
+        return pa.Table.from_pylist(rows, schema=schema.arrow_schema())
+    assembled = payroll_inputs.assemble(
+        PERIOD, table(employees, schemas.EMPLOYEES), table(contracts, schemas.CONTRACTS),
+        table([], schemas.VARIABLE_ELEMENTS), table([], schemas.WITHHOLDING_RATES), table(sites, schemas.ESTABLISHMENTS),
+        {})
+    assert [letter.error for letter in assembled.dead_letters] == [
+        'employee E002 not paid: contracts in 2 establishments in one month (C002, C002b): each establishment '
+        'pays its own; not supported yet']
+    assert assembled.month.column('employee_id').to_pylist() == ['E001']
+    assert assembled.month.column('presence_days').to_pylist() == [30]
+    _, totals = payslips.compute(assembled.month, payroll_rules.PayrollRules.for_period(PERIOD))
+    assert totals.column('gross_cents').to_pylist() == [2200_00]  # 2,000 x 15/30 + 2,400 x 15/30
