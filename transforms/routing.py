@@ -96,14 +96,16 @@ class ReadGroupedByKey(beam.PTransform):
 
     ``inputs``: name -> (file pattern, ``RecordSchema``); ``None`` patterns are skipped.
     ``keep(name, batch)``, if given, keeps the rows of a read batch that matter (e.g. one month's).
+    ``batch_rows``: rows per read batch; large batches make fewer, larger pieces to group.
     Returns ``{'grouped': (bucket, [(name, batch) or (BLOCKED, (key, reason)), ...]),
     'rejected': the readers' dead letters}``: a record rejected when read blocks its key (see
     ``route_rejection``; ``split_blocked`` separates them again).
     """
 
-    def __init__(self, *, inputs: dict, key: str, buckets: int, keep=None):
+    def __init__(self, *, inputs: dict, key: str, buckets: int, keep=None, batch_rows: int = 65_536):
         super().__init__()
         self._inputs, self._key, self._buckets, self._keep = inputs, key, buckets, keep
+        self._batch_rows = batch_rows
 
     def expand(self, pbegin):
         routed, rejected, keep = [], [], self._keep
@@ -111,7 +113,8 @@ class ReadGroupedByKey(beam.PTransform):
             if pattern is None:
                 continue
             label = ''.join(part.title() for part in name.split('_'))
-            read = pbegin | f'Read{label}' >> ReadRecords(file_pattern=pattern, schema=schema, step=f'Read{label}')
+            read = pbegin | f'Read{label}' >> ReadRecords(file_pattern=pattern, schema=schema, step=f'Read{label}',
+                                                          batch_rows=self._batch_rows)
             records = read.records
             if keep is not None:
                 records = records | f'Keep{label}' >> beam.Map(lambda batch, n: keep(n, batch), name)
