@@ -39,11 +39,11 @@ NAME = 'cpf'
 _DEAD_LETTERS = 'dead_letters'
 _DATA_CATEGORIES = ['employees', 'hours worked', 'absences', 'CPF counters']
 _HOURS = schemas.PAYSLIPS.project(('employee_id', 'period', 'hours_paid'), name='payslip_hours')
-_INPUTS = {  # name -> (schema, required)
-    'payslips': (_HOURS, True),
-    'employees': (schemas.EMPLOYEES, True),
-    'absences': (schemas.ABSENCES, False),
-    'balances': (schemas.CPF_BALANCES, False),
+_INPUTS = {  # name -> schema (which are required is said in OPTIONS)
+    'payslips': _HOURS,
+    'employees': schemas.EMPLOYEES,
+    'absences': schemas.ABSENCES,
+    'balances': schemas.CPF_BALANCES,
 }
 
 OPTIONS = (
@@ -98,7 +98,7 @@ class _CreditBucketFn(beam.DoFn):
     def process(self, element):
         bucket, items = element
         records, blocked = split_blocked(items)
-        tables = tagged_tables(records, {name: schema for name, (schema, _) in _INPUTS.items()})
+        tables = tagged_tables(records, _INPUTS)
         result = cpf.credit(self._year, tables['payslips'], tables['absences'], tables['employees'],
                             tables['balances'])
         for letter in result.dead_letters:
@@ -120,7 +120,7 @@ class _CreditBucketFn(beam.DoFn):
 def build(pipeline: beam.Pipeline, config: CpfConfig, store=None) -> dict:
     del store  # the credits are recomputed from the inputs; the keyed writes make that idempotent
     read = pipeline | 'ByEmployee' >> ReadGroupedByKey(
-        inputs={name: (config.inputs[name], schema) for name, (schema, _) in _INPUTS.items()},
+        inputs={name: (config.inputs[name], schema) for name, schema in _INPUTS.items()},
         key='employee_id', buckets=config.buckets, keep=functools.partial(_of_year, year=config.year))
     credited = (
         read['grouped']

@@ -52,7 +52,6 @@ import uuid
 
 import apache_beam as beam
 import pyarrow as pa
-import pyarrow.compute as pc
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
@@ -71,6 +70,7 @@ from transforms.keyed_write import WriteKeyed
 from transforms.keyed_write import publish
 from transforms.keyed_write import remove_temp_dir
 from transforms.payroll_inputs import contracts_in_month
+from transforms.payroll_inputs import rows_for_period
 from transforms.payroll_rules import PayrollRules
 from transforms.read import ReadRecords
 from transforms.routing import ReadGroupedByKey
@@ -99,13 +99,13 @@ def _unchecked(schema: schemas.RecordSchema) -> schemas.RecordSchema:
     return schemas.RecordSchema(name=schema.name, fields=fields, key=schema.key)
 
 
-# Inputs routed by employee: name -> (schema, required).
+# Inputs routed by employee: name -> schema (which are required is said in OPTIONS).
 _BY_EMPLOYEE = {
-    'payslips': (schemas.PAYSLIPS, True),
-    'payslip_lines': (schemas.PAYSLIP_LINES, True),
-    'employees': (_unchecked(schemas.EMPLOYEES), True),
-    'contracts': (_unchecked(schemas.CONTRACTS), True),
-    'withholding_rates': (schemas.WITHHOLDING_RATES, False),
+    'payslips': schemas.PAYSLIPS,
+    'payslip_lines': schemas.PAYSLIP_LINES,
+    'employees': _unchecked(schemas.EMPLOYEES),
+    'contracts': _unchecked(schemas.CONTRACTS),
+    'withholding_rates': schemas.WITHHOLDING_RATES,
 }
 
 DSN_INDEX = schemas.RecordSchema(
@@ -275,12 +275,6 @@ def file_name(siret: str, period: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # Stage 1: every record of an employee in one bucket; one record per paid employee, keyed by SIRET
 
-def _of_period(name: str, batch: pa.RecordBatch, period: str) -> pa.RecordBatch:
-    if 'period' not in batch.schema.names:
-        return batch
-    return batch.filter(pc.equal(batch.column('period'), period))
-
-
 def employee_records(period: str, tables: dict, blocked: dict) -> list[tuple[str, dict]]:
     """``(SIRET, record)`` of every employee with a payslip of ``period`` in ``tables``: identity,
     the contract in that establishment, payslip totals and lines, and the problems found."""
@@ -330,7 +324,7 @@ class _JoinBucketFn(beam.DoFn):
     def process(self, element):
         _, items = element
         records, blocked = split_blocked(items)
-        tables = tagged_tables(records, {name: schema for name, (schema, _) in _BY_EMPLOYEE.items()})
+        tables = tagged_tables(records, _BY_EMPLOYEE)
         for siret, record in employee_records(self._period, tables, blocked):
             yield siret, (_EMPLOYEE, record)
 
@@ -672,8 +666,8 @@ def build(pipeline: beam.Pipeline, config: DsnConfig, store=None) -> dict:
     """Adds the DSN graph to ``pipeline``; returns its PCollections by name."""
     del store  # the files are rebuilt whole on every run; publishing makes that idempotent
     read = pipeline | 'ByEmployee' >> ReadGroupedByKey(
-        inputs={name: (config.inputs[name], schema) for name, (schema, _) in _BY_EMPLOYEE.items()},
-        key='employee_id', buckets=config.buckets, keep=functools.partial(_of_period, period=config.period))
+        inputs={name: (config.inputs[name], schema) for name, schema in _BY_EMPLOYEE.items()},
+        key='employee_id', buckets=config.buckets, keep=functools.partial(rows_for_period, period=config.period))
     sites = pipeline | 'ReadEstablishments' >> ReadRecords(
         file_pattern=config.inputs['establishments'], schema=_unchecked(schemas.ESTABLISHMENTS),
         step='ReadEstablishments')

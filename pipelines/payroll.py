@@ -63,14 +63,14 @@ _DEAD_LETTERS = 'dead_letters'
 _CONTROLS = 'controls'
 _TOTALS = 'totals'
 _DATA_CATEGORIES = ['employees', 'contracts', 'pay', 'withholding tax rates']
-# Inputs routed by employee: name -> (schema, required).
+# Inputs routed by employee: name -> schema (which are required is said in OPTIONS).
 _BY_EMPLOYEE = {
-    'employees': (schemas.EMPLOYEES, True),
-    'contracts': (schemas.CONTRACTS, True),
-    'variable_elements': (schemas.VARIABLE_ELEMENTS, False),
-    'withholding_rates': (schemas.WITHHOLDING_RATES, False),
-    'previous_payslips': (schemas.PAYSLIPS.project(('employee_id', 'period', *payroll_inputs.YTD_COLUMNS),
-                                                   name='previous_payslips'), False),
+    'employees': schemas.EMPLOYEES,
+    'contracts': schemas.CONTRACTS,
+    'variable_elements': schemas.VARIABLE_ELEMENTS,
+    'withholding_rates': schemas.WITHHOLDING_RATES,
+    'previous_payslips': schemas.PAYSLIPS.project(('employee_id', 'period', *payroll_inputs.YTD_COLUMNS),
+                                                  name='previous_payslips'),
 }
 _CONTROL_TOTALS = ('gross_cents', 'employee_contributions_cents', 'net_before_tax_cents', 'net_taxable_cents',
                    'pas_cents', 'net_pay_cents', 'employer_contributions_cents', 'rgdu_cents', 'employer_cost_cents')
@@ -115,17 +115,6 @@ class PayrollConfig:
                    buckets=values['buckets'], run_id=run_id)
 
 
-def _of_period(name: str, batch: pa.RecordBatch, period: str) -> pa.RecordBatch:
-    """The rows of ``period`` (variable elements, withholding rates), or of the year before it
-    (previous payslips); other inputs whole."""
-    if name == 'previous_payslips':
-        return batch.filter(pc.and_(pc.starts_with(batch.column('period'), period[:5]),
-                                    pc.less(batch.column('period'), period)))
-    if 'period' not in batch.schema.names:
-        return batch
-    return batch.filter(pc.equal(batch.column('period'), period))
-
-
 class _PayBucketFn(beam.DoFn):
     """Joins and pays the employees of one bucket; yields lines, totals, control items, dead letters."""
 
@@ -140,7 +129,7 @@ class _PayBucketFn(beam.DoFn):
     def process(self, element, establishments):
         bucket, items = element
         records, blocked = split_blocked(items)
-        tables = tagged_tables(records, {name: schema for name, (schema, _) in _BY_EMPLOYEE.items()})
+        tables = tagged_tables(records, _BY_EMPLOYEE)
         assembled = payroll_inputs.assemble(
             self._period, tables['employees'], tables['contracts'], tables['variable_elements'],
             tables['withholding_rates'], tagged_tables([('sites', b) for b in establishments],
@@ -209,8 +198,8 @@ def build(pipeline: beam.Pipeline, config: PayrollConfig, store=None) -> dict:
     """Adds the payroll graph to ``pipeline``; returns its PCollections by name."""
     del store  # every run recomputes the month; the keyed writes make that idempotent
     read = pipeline | 'ByEmployee' >> ReadGroupedByKey(
-        inputs={name: (config.inputs[name], schema) for name, (schema, _) in _BY_EMPLOYEE.items()},
-        key='employee_id', buckets=config.buckets, keep=functools.partial(_of_period, period=config.period))
+        inputs={name: (config.inputs[name], schema) for name, schema in _BY_EMPLOYEE.items()},
+        key='employee_id', buckets=config.buckets, keep=functools.partial(payroll_inputs.rows_for_period, period=config.period))
     sites = pipeline | 'ReadEstablishments' >> ReadRecords(
         file_pattern=config.inputs['establishments'], schema=schemas.ESTABLISHMENTS, step='ReadEstablishments')
     read_letters = read['rejected']

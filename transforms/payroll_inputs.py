@@ -118,6 +118,18 @@ def _one_row_per_employee(month: pa.Table, several: set[str]) -> pa.Table:
     return pa.concat_tables([month.filter(pc.invert(multiple)), merged.cast(month.schema)])
 
 
+def rows_for_period(name: str, batch: pa.RecordBatch, period: str) -> pa.RecordBatch:
+    """The rows of a read batch that a payroll of ``period`` uses: those of the month for inputs
+    with a ``period`` (variable elements, withholding rates, the month's payslips), those of the year
+    before it for ``previous_payslips``; other inputs whole."""
+    if 'period' not in batch.schema.names:
+        return batch
+    if name == 'previous_payslips':
+        return batch.filter(pc.and_(pc.starts_with(batch.column('period'), period[:5]),
+                                    pc.less(batch.column('period'), period)))
+    return batch.filter(pc.equal(batch.column('period'), period))
+
+
 YTD_COLUMNS = ('ytd_gross_cents', 'ytd_smic_reference_cents', 'ytd_rgdu_cents')
 
 

@@ -30,8 +30,6 @@ Rules applied (DOMAIN.md, with ``transforms/rules/`` for the figures):
   previous month (January, or no history given) it is the month's own computation.
 - Employer cost = gross + employer contributions - RGDU.
 """
-import decimal
-
 import numpy as np
 import pyarrow as pa
 
@@ -277,7 +275,3 @@ def compute(month: pa.Table, rules: PayrollRules) -> tuple[pa.Table, pa.Table]:
     }, schema=TOTALS)
     return lines.table(), totals
 
-
-def cents(amount) -> int:
-    """``'1823.03'`` or a Decimal -> 182303: for tests and reports that state amounts in euros."""
-    return int((decimal.Decimal(str(amount)) * 100).to_integral_value(decimal.ROUND_HALF_UP))
