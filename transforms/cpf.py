@@ -30,7 +30,7 @@ class Credits(typing.NamedTuple):
 
 
 def parameters(year: int) -> dict:
-    return parameters_in_force(CPF_PARAMETERS, datetime.date(year, 12, 31), f'the CPF of {year}')
+    return parameters_in_force(CPF_PARAMETERS, datetime.date(year, 12, 31), f'rule for the CPF of {year}')
 
 
 def _sum_by_employee(table: pa.Table, column: str) -> pa.Table:

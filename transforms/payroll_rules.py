@@ -71,14 +71,7 @@ class PayrollRules:
     @classmethod
     def for_period(cls, period: str) -> 'PayrollRules':
         start = period_start(period)
-        parameters = {}
-        for row in _rows('payroll_parameters.csv'):
-            if _date(row['effective_from']) <= start:
-                parameters[row['parameter']] = (_date(row['effective_from']), decimal.Decimal(row['value']))
-        missing = [name for name in REQUIRED_PARAMETERS if name not in parameters]
-        if missing:
-            raise ConfigError(f'no payroll rule for {period}: {", ".join(missing)} has no value in force on '
-                              f'{start} (transforms/rules/payroll_parameters.csv starts later)')
+        parameters = parameters_in_force(REQUIRED_PARAMETERS, start, f'payroll rule for {period}')
         latest = {}
         for row in _rows('contributions.csv'):
             if _date(row['effective_from']) <= start:
@@ -93,8 +86,7 @@ class PayrollRules:
         grid = grids[max(grids)]
         taux_neutre = tuple((None if not r['monthly_taxable_up_to'] else int(decimal.Decimal(r['monthly_taxable_up_to']) * 100),
                              percent_to_ppm(r['rate'])) for r in grid)
-        return cls(period=period, parameters={k: v for k, (_, v) in parameters.items()},
-                   contributions=contributions, taux_neutre=taux_neutre)
+        return cls(period=period, parameters=parameters, contributions=contributions, taux_neutre=taux_neutre)
 
 
 CPF_PARAMETERS = ('cpf_annual_credit', 'cpf_cap', 'cpf_low_qualification_credit', 'cpf_low_qualification_cap',
@@ -109,7 +101,7 @@ def parameters_in_force(names: tuple[str, ...], on: datetime.date, what: str) ->
             found[row['parameter']] = decimal.Decimal(row['value'])
     missing = [name for name in names if name not in found]
     if missing:
-        raise ConfigError(f'no rule for {what}: {", ".join(missing)} has no value in force on {on} '
+        raise ConfigError(f'no {what}: {", ".join(missing)} has no value in force on {on} '
                           '(transforms/rules/payroll_parameters.csv)')
     return found
 
