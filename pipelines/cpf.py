@@ -32,6 +32,7 @@ from transforms.keyed_write import WriteKeyed
 from transforms.keyed_write import WritePartitions
 from transforms.keyed_write import bucket_dir
 from transforms.routing import ReadGroupedByKey
+from transforms.routing import RemoveWhenDone
 from transforms.routing import split_blocked
 from transforms.routing import tagged_tables
 
@@ -121,10 +122,12 @@ def build(pipeline: beam.Pipeline, config: CpfConfig, store=None) -> dict:
     del store  # the credits are recomputed from the inputs; the keyed writes make that idempotent
     read = pipeline | 'ByEmployee' >> ReadGroupedByKey(
         inputs={name: (config.inputs[name], schema) for name, schema in _INPUTS.items()},
-        key='employee_id', buckets=config.buckets, keep=functools.partial(_of_year, year=config.year))
+        key='employee_id', buckets=config.buckets, spill_dir=lifecycle.spill_dir(config.output, config.run_id),
+        keep=functools.partial(_of_year, year=config.year))
     credited = (
         read['grouped']
         | 'Credit' >> beam.ParDo(_CreditBucketFn(config.year)).with_outputs(_DEAD_LETTERS, main='credits'))
+    credited.credits | 'RemoveSpill' >> RemoveWhenDone(lifecycle.spill_dir(config.output, config.run_id))
     credited.credits | 'WriteCredits' >> WritePartitions(schema=schemas.CPF_CREDITS,
                                                          target=FileSystems.join(config.output, 'cpf_credits'))
     if config.database:

@@ -74,6 +74,7 @@ from transforms.payroll_inputs import rows_for_period
 from transforms.payroll_rules import PayrollRules
 from transforms.read import ReadRecords
 from transforms.routing import ReadGroupedByKey
+from transforms.routing import RemoveWhenDone
 from transforms.routing import split_blocked
 from transforms.routing import tagged_tables
 
@@ -667,7 +668,8 @@ def build(pipeline: beam.Pipeline, config: DsnConfig, store=None) -> dict:
     del store  # the files are rebuilt whole on every run; publishing makes that idempotent
     read = pipeline | 'ByEmployee' >> ReadGroupedByKey(
         inputs={name: (config.inputs[name], schema) for name, schema in _BY_EMPLOYEE.items()},
-        key='employee_id', buckets=config.buckets, keep=functools.partial(rows_for_period, period=config.period))
+        key='employee_id', buckets=config.buckets, spill_dir=lifecycle.spill_dir(config.output, config.run_id),
+        keep=functools.partial(rows_for_period, period=config.period))
     sites = pipeline | 'ReadEstablishments' >> ReadRecords(
         file_pattern=config.inputs['establishments'], schema=_unchecked(schemas.ESTABLISHMENTS),
         step='ReadEstablishments')
@@ -675,6 +677,7 @@ def build(pipeline: beam.Pipeline, config: DsnConfig, store=None) -> dict:
     people = (
         read['grouped']
         | 'JoinBuckets' >> beam.ParDo(_JoinBucketFn(config.period)))
+    people | 'RemoveSpill' >> RemoveWhenDone(lifecycle.spill_dir(config.output, config.run_id))
     site_items = sites.records | 'KeySites' >> beam.FlatMap(_site_items)
     declared = (
         (people, site_items)

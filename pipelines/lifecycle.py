@@ -91,6 +91,12 @@ def describes_only(pipeline_options: PipelineOptions) -> bool:
                 or pipeline_options.view_as(GoogleCloudOptions).template_location)
 
 
+def spill_dir(output: str, run_id: str) -> str:
+    """Where a run of ``output`` spills the rows it groups by key (``routing.ReadGroupedByKey``): in the
+    output, so it is on storage every worker reaches; removed when the run has read it."""
+    return FileSystems.join(output, '.spill', run_id)
+
+
 def database_target(database: str | None, output: str) -> str | None:
     """The SQL target of ``--database``: default SQLite beside a local output, none for gs://."""
     if database is None:

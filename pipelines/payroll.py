@@ -54,6 +54,7 @@ from transforms.keyed_write import bucket_dir
 from transforms.payroll_rules import PayrollRules
 from transforms.read import ReadRecords
 from transforms.routing import ReadGroupedByKey
+from transforms.routing import RemoveWhenDone
 from transforms.routing import split_blocked
 from transforms.routing import tagged_tables
 
@@ -169,8 +170,11 @@ def _control_vectors(lines: pa.Table, totals: pa.Table, items: tuple[str, ...]):
         for i, name in enumerate(_CONTROL_TOTALS, start=1):
             vector[i] = row[f'{name}_sum']
         vectors[row['establishment_siret']] = vector
-    sited = lines.join(totals.select(['employee_id', 'establishment_siret']), 'employee_id')
-    contributions = sited.filter(pc.equal(sited.column('kind'), 'contribution'))
+    contributions = lines.filter(pc.equal(lines.column('kind'), 'contribution'))
+    # Each line's establishment: its employee's row in the totals (a hash lookup, cheaper than a join).
+    payslip = pc.index_in(contributions.column('employee_id'), value_set=totals.column('employee_id'))
+    contributions = contributions.append_column('establishment_siret',
+                                                totals.column('establishment_siret').take(payslip))
     by_rubric = contributions.group_by(['establishment_siret', 'rubric']).aggregate(
         [('employee_cents', 'sum'), ('employer_cents', 'sum')])
     for row in by_rubric.to_pylist():
@@ -199,7 +203,8 @@ def build(pipeline: beam.Pipeline, config: PayrollConfig, store=None) -> dict:
     del store  # every run recomputes the month; the keyed writes make that idempotent
     read = pipeline | 'ByEmployee' >> ReadGroupedByKey(
         inputs={name: (config.inputs[name], schema) for name, schema in _BY_EMPLOYEE.items()},
-        key='employee_id', buckets=config.buckets, keep=functools.partial(payroll_inputs.rows_for_period, period=config.period))
+        key='employee_id', buckets=config.buckets, keep=functools.partial(payroll_inputs.rows_for_period, period=config.period),
+        spill_dir=lifecycle.spill_dir(config.output, config.run_id))
     sites = pipeline | 'ReadEstablishments' >> ReadRecords(
         file_pattern=config.inputs['establishments'], schema=schemas.ESTABLISHMENTS, step='ReadEstablishments')
     read_letters = read['rejected']
@@ -207,6 +212,7 @@ def build(pipeline: beam.Pipeline, config: PayrollConfig, store=None) -> dict:
         read['grouped']
         | 'PayBuckets' >> beam.ParDo(_PayBucketFn(config.period), establishments=beam.pvalue.AsList(sites.records))
         .with_outputs(_TOTALS, _CONTROLS, _DEAD_LETTERS, main='lines'))
+    paid[_CONTROLS] | 'RemoveSpill' >> RemoveWhenDone(lifecycle.spill_dir(config.output, config.run_id))
     controls = (
         paid[_CONTROLS]
         | 'SumControls' >> beam.CombinePerKey(_sum_vectors)

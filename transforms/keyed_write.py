@@ -142,7 +142,6 @@ _PARQUET_WRITE_OPTIONS = dict(
     version='2.6',
     compression='zstd',
     compression_level=3,
-    use_dictionary=True,
     write_statistics=True,
     data_page_version='1.0',
     row_group_size=128 * 1024,
@@ -326,6 +325,24 @@ def _same_key_as_next(rows: pa.Table | pa.RecordBatch, key: tuple[str, ...]) -> 
     return same
 
 
+def in_key_order(rows: pa.Table | pa.RecordBatch, key: tuple[str, ...]) -> bool:
+    """Whether ``rows`` are already sorted by ``key`` (equal keys allowed): one linear pass, so a
+    writer given rows its producer already sorted skips the sort."""
+    n = rows.num_rows
+    undecided = np.ones(max(n - 1, 0), dtype=bool)  # pairs whose order the columns so far leave open
+    for name in key:
+        if not undecided.any():
+            break
+        column = rows.column(name)
+        if column.null_count:
+            return False  # the sort decides where nulls go
+        before, after = column.slice(0, n - 1), column.slice(1)
+        if (undecided & pc.greater(before, after).to_numpy(zero_copy_only=False)).any():
+            return False
+        undecided &= ~pc.less(before, after).to_numpy(zero_copy_only=False)
+    return True
+
+
 def duplicate_key_count(table: pa.Table, key: tuple[str, ...]) -> int:
     """How many rows of ``table`` (sorted by ``key``) repeat the key of the row before them."""
     if table.num_rows < 2:
@@ -356,8 +373,9 @@ def sort_partition(batches: typing.Sequence[pa.RecordBatch], schema: RecordSchem
     appears twice; ``label`` (the partition) makes that message findable.
     """
     merged = pa.concat_batches([conform_batch(batch, schema) for batch in batches])
-    order = pc.sort_indices(merged, sort_keys=[(k, 'ascending') for k in schema.key])
-    table = pa.Table.from_batches([merged.take(order)])
+    if not in_key_order(merged, schema.key):
+        merged = merged.take(pc.sort_indices(merged, sort_keys=[(k, 'ascending') for k in schema.key]))
+    table = pa.Table.from_batches([merged])
     duplicates = duplicate_key_count(table, schema.key)
     if duplicates:
         raise ValueError(
@@ -1070,7 +1088,10 @@ def _ensure_dir(path: str) -> None:
 def write_parquet(table: pa.Table, path: str) -> None:
     with FileSystems.create(path, mime_type='application/vnd.apache.parquet',
                             compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        # Dictionaries for the text columns only: numbers rarely repeat enough to pay for one.
         pq.write_table(table, handle, **_PARQUET_WRITE_OPTIONS,
+                       use_dictionary=[f.name for f in table.schema
+                                       if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)],
                        sorting_columns=pq.SortingColumn.from_ordering(
                            table.schema, [(k, 'ascending') for k in _table_key(table)]))
 

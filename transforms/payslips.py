@@ -142,8 +142,10 @@ class _Lines:
             return LINES.empty_table()
         rows = np.concatenate([b['rows'] for b in self._blocks])
         position = np.concatenate([b['position'] for b in self._blocks])
-        # By employee (input order, which is sorted), then line: one integer key, unique per line.
-        order = np.argsort(rows.astype(np.int64) * len(self._texts) + position, kind='stable')
+        # In key order, (employee_id, period, rubric): by employee (input order, which is sorted),
+        # then rubric name, so the Parquet writer finds them sorted. ``line`` keeps the rule order.
+        rubric_rank = np.argsort(np.argsort([texts[0] for texts in self._texts], kind='stable'))
+        order = np.argsort(rows.astype(np.int64) * len(self._texts) + rubric_rank[position], kind='stable')
         columns = {'employee_id': self._ids.take(pa.array(rows[order])),
                    'period': pa.array([self._period]).take(pa.array(np.zeros(len(order), dtype=np.int32))),
                    'line': pa.array(position[order])}

@@ -7,15 +7,19 @@ the same on every machine and run), so the step that computes bucket ``b`` can w
 partition ``keyed_write.bucket_dir(key, b)`` directly (``keyed_write.WritePartitions``), with no
 second shuffle.
 """
+import dataclasses
 import json
+import uuid
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from transforms.dead_letters import METRICS_NAMESPACE
 from transforms.deduplicate import stable_buckets
+from transforms.keyed_write import remove_temp_dir
 from transforms.read import ReadRecords
 
 
@@ -25,10 +29,16 @@ class SplitByKeyBucket(beam.DoFn):
     ``columns``: the columns to keep (default: all). Dropping what the join does not use, such as
     the readers' per-row ``_source`` path, keeps the shuffle small: on the DirectRunner it is held
     in memory whole.
+
+    With ``spill_dir``, the pieces go to one Arrow IPC file per batch in that directory (one record
+    batch per bucket) and only their references (``SpilledPiece``) are grouped: the shuffle then
+    holds a few bytes per piece instead of the rows, so memory no longer grows with the input.
     """
 
-    def __init__(self, name: str, key: str, buckets: int, columns: tuple[str, ...] | None = None):
+    def __init__(self, name: str, key: str, buckets: int, columns: tuple[str, ...] | None = None,
+                 spill_dir: str | None = None):
         self._name, self._key, self._buckets, self._columns = name, key, buckets, columns
+        self._spill_dir = spill_dir
 
     def process(self, batch: pa.RecordBatch):
         if not batch.num_rows:
@@ -38,9 +48,30 @@ class SplitByKeyBucket(beam.DoFn):
         buckets = stable_buckets(batch.column(self._key), self._buckets)
         order = np.argsort(buckets, kind='stable')
         bounds = np.searchsorted(buckets[order], np.arange(self._buckets + 1))
-        for bucket in np.flatnonzero(np.diff(bounds)):
-            rows = pa.array(order[bounds[bucket]:bounds[bucket + 1]])
-            yield int(bucket), (self._name, batch.take(rows))
+        present = np.flatnonzero(np.diff(bounds))
+        ordered = batch.take(pa.array(order))
+        if self._spill_dir is None:
+            for bucket in present:
+                yield int(bucket), (self._name, ordered.slice(bounds[bucket], bounds[bucket + 1] - bounds[bucket]))
+            return
+        # A retried bundle writes a new file: only the references it emits are ever read.
+        path = FileSystems.join(self._spill_dir, f'{self._name}-{uuid.uuid4().hex}.arrow')
+        with FileSystems.create(path) as stream, pa.ipc.new_file(stream, ordered.schema) as writer:
+            for index, bucket in enumerate(present):
+                writer.write_batch(ordered.slice(bounds[bucket], bounds[bucket + 1] - bounds[bucket]))
+                yield int(bucket), (self._name, SpilledPiece(path, index))
+
+
+@dataclasses.dataclass(frozen=True)
+class SpilledPiece:
+    """Record batch ``index`` of the Arrow IPC file at ``path``, written by ``SplitByKeyBucket``."""
+    path: str
+    index: int
+
+    def load(self) -> pa.RecordBatch:
+        # Random access: only the footer and this batch are read, not the other buckets' batches.
+        with FileSystems.open(self.path, compression_type='uncompressed') as stream:
+            return pa.ipc.open_file(pa.PythonFile(stream, mode='r')).get_batch(self.index)
 
 
 def bucket_of(key: str, buckets: int) -> int:
@@ -53,7 +84,7 @@ def tagged_tables(items, schemas_by_name: dict) -> dict:
     for inputs with no piece), each in its schema's columns."""
     parts = {name: [] for name in schemas_by_name}
     for name, batch in items:
-        parts[name].append(batch)
+        parts[name].append(batch.load() if isinstance(batch, SpilledPiece) else batch)
     tables = {}
     for name, schema in schemas_by_name.items():
         target = schema.arrow_schema()
@@ -97,15 +128,19 @@ class ReadGroupedByKey(beam.PTransform):
     ``inputs``: name -> (file pattern, ``RecordSchema``); ``None`` patterns are skipped.
     ``keep(name, batch)``, if given, keeps the rows of a read batch that matter (e.g. one month's).
     ``batch_rows``: rows per read batch; large batches make fewer, larger pieces to group.
+    ``spill_dir``: if given, the rows go through Arrow files there and only references to them are
+    grouped (see ``SplitByKeyBucket``), so memory stays flat in the input size; remove the directory
+    with ``RemoveWhenDone`` applied to an output of the step that reads the groups.
     Returns ``{'grouped': (bucket, [(name, batch) or (BLOCKED, (key, reason)), ...]),
     'rejected': the readers' dead letters}``: a record rejected when read blocks its key (see
     ``route_rejection``; ``split_blocked`` separates them again).
     """
 
-    def __init__(self, *, inputs: dict, key: str, buckets: int, keep=None, batch_rows: int = 65_536):
+    def __init__(self, *, inputs: dict, key: str, buckets: int, keep=None, batch_rows: int = 65_536,
+                 spill_dir: str | None = None):
         super().__init__()
         self._inputs, self._key, self._buckets, self._keep = inputs, key, buckets, keep
-        self._batch_rows = batch_rows
+        self._batch_rows, self._spill_dir = batch_rows, spill_dir
 
     def expand(self, pbegin):
         routed, rejected, keep = [], [], self._keep
@@ -119,9 +154,24 @@ class ReadGroupedByKey(beam.PTransform):
             if keep is not None:
                 records = records | f'Keep{label}' >> beam.Map(lambda batch, n: keep(n, batch), name)
             routed.append(records | f'Route{label}' >> beam.ParDo(
-                SplitByKeyBucket(name, self._key, self._buckets, columns=schema.names)))
+                SplitByKeyBucket(name, self._key, self._buckets, columns=schema.names, spill_dir=self._spill_dir)))
             rejected.append(read.dead_letters)
         letters = rejected | 'ReadRejections' >> beam.Flatten()
         blocked = letters | 'RouteRejections' >> beam.FlatMap(route_rejection, self._buckets)
         grouped = (*routed, blocked) | 'AllByKey' >> beam.Flatten() | 'GroupByBucket' >> beam.GroupByKey()
         return {'grouped': grouped, 'rejected': letters}
+
+
+class RemoveWhenDone(beam.PTransform):
+    """Removes ``directory`` (and what it holds) once the input PCollection is complete: applied to
+    an output of the step that read the spilled groups, it runs after that step's last retry."""
+
+    def __init__(self, directory: str):
+        super().__init__()
+        self._directory = directory
+
+    def expand(self, done):
+        finished = done | 'Finished' >> beam.combiners.Count.Globally()
+        return (done.pipeline
+                | 'Directory' >> beam.Create([self._directory])
+                | 'Remove' >> beam.Map(lambda path, _: remove_temp_dir(path), beam.pvalue.AsSingleton(finished)))

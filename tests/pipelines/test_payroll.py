@@ -183,6 +183,7 @@ def test_rerun_gives_the_same_payslips_and_files_never_duplicates(tmp_path, inpu
     assert _run(inputs, output) == {'skipped': True, 'run_key': f'payroll:{PERIOD}'}
     _run(inputs, output, '--force')
     assert {p.relative_to(output): p.read_bytes() for p in output.rglob('*.parquet')} == first
+    assert not list(output.glob('.spill/*')), 'the rows spilled for grouping are removed once paid'
     with sqlite3.connect(output / 'hrbatch.db') as db:
         assert db.execute('SELECT COUNT(*) FROM payslips').fetchone()[0] == 20
         lines = db.execute('SELECT COUNT(*) FROM payslip_lines').fetchone()[0]

@@ -742,3 +742,25 @@ def test_postgres_copy_first_then_upsert_when_keys_exist(postgres_url, first, se
     expected = {r['id']: r for r in first_rows} | {r['id']: r for r in second_rows}
     assert read_exact(postgres_url, table, _ALL_TYPES) == [
         exact(tuple(expected[k][n] for n in _ALL_TYPES.names)) for k in sorted(expected)]
+
+
+def test_in_key_order_compares_rows_column_by_column():
+    rows = pa.table({'a': ['x', 'x', 'y', 'y'], 'b': [2, 3, 1, 1]})
+    assert keyed_write.in_key_order(rows, ('a', 'b'))            # ties on the whole key are allowed
+    assert not keyed_write.in_key_order(rows, ('b',))
+    assert not keyed_write.in_key_order(rows, ('b', 'a'))
+    swapped = pa.table({'a': ['x', 'y', 'x'], 'b': [1, 0, 2]})
+    assert not keyed_write.in_key_order(swapped, ('a', 'b'))      # decided by the first column
+    assert keyed_write.in_key_order(pa.table({'a': ['x', 'x'], 'b': [1, 2]}).slice(0, 1), ('a', 'b'))
+    assert not keyed_write.in_key_order(pa.table({'a': ['x', None]}), ('a',))  # the sort places nulls
+
+
+def test_sort_partition_gives_the_same_table_whether_or_not_rows_arrive_sorted():
+    rows = [{'offer_id': 'o', 'candidate_id': f'c{i}', 'score': i / 10} for i in (3, 1, 2)]
+    shuffled = pa.RecordBatch.from_pylist(rows)
+    ordered = pa.RecordBatch.from_pylist(sorted(rows, key=lambda r: r['candidate_id']))
+    schema = schemas.RecordSchema(name='scores', key=('offer_id', 'candidate_id'), fields=(
+        schemas.Field('offer_id', pa.string()), schemas.Field('candidate_id', pa.string()),
+        schemas.Field('score', pa.float64())))
+    one, other = (keyed_write.sort_partition([b], schema) for b in (shuffled, ordered))
+    assert one.equals(other) and one.column('candidate_id').to_pylist() == ['c1', 'c2', 'c3']
