@@ -25,6 +25,7 @@ _DIRECT = {
     'psycopg': 'psycopg[binary]',
     'pyyaml': 'pyyaml',
     'holidays': 'holidays',
+    'phonenumbers': 'phonenumbers',
 }
 
 

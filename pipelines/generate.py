@@ -76,6 +76,7 @@ _FAMILIES_STREAM = 0
 _CANDIDATES_STREAM = 1
 _OFFERS_STREAM = 2
 _EMPLOYERS_STREAM = 3
+_CONTACTS_STREAM = 4  # phones and postcodes: their own stream, so adding them moved no other draw
 
 _FAMILY_COUNT = 300
 _FAMILY_SIZE = 25
@@ -401,6 +402,25 @@ def _emails(first_slug: pa.Array, last_slug: pa.Array, numbers: np.ndarray, doma
     return pc.binary_join_element_wise(local, domain, '@')
 
 
+# Mobile prefixes libphonenumber accepts for France (06 0-2/4-8, 07 3-9), and the départements a
+# postcode starts with (Corsica's are 20xxx).
+_MOBILE_PREFIXES = np.array(['60', '61', '62', '64', '65', '66', '67', '68', '73', '75', '76', '77', '78', '79'])
+_DEPARTMENTS = np.array([f'{d:02d}' for d in range(1, 96)])
+
+
+def contact_details(seed: int, stream: int, block: int, n: int) -> dict[str, pa.Array]:
+    """Phones (E.164 French mobiles, 10% missing) and postcodes (5% missing) of ``n`` people."""
+    rng = stream_rng(seed, stream, block)
+    prefix = _MOBILE_PREFIXES[rng.integers(len(_MOBILE_PREFIXES), size=n)]
+    digits = np.char.zfill(rng.integers(0, 10_000_000, size=n).astype(str), 7)
+    phone = pa.array(np.char.add(np.char.add('+33', prefix), digits), pa.string())
+    postcode = pa.array(np.char.add(_DEPARTMENTS[rng.integers(len(_DEPARTMENTS), size=n)],
+                                    np.char.zfill(rng.integers(0, 1000, size=n).astype(str), 3)), pa.string())
+    no_phone, no_postcode = rng.random(n) < 0.10, rng.random(n) < 0.05
+    return {'phone': pc.if_else(pa.array(no_phone), pa.scalar(None, pa.string()), phone),
+            'postcode': pc.if_else(pa.array(no_postcode), pa.scalar(None, pa.string()), postcode)}
+
+
 def _candidate_block(seed: int, block: int, reference_date: datetime.date) -> pa.RecordBatch:
     """The ``RNG_BLOCK_ROWS`` candidates of one block: always a whole block, so rows never shift."""
     rng = stream_rng(seed, _CANDIDATES_STREAM, block)
@@ -423,6 +443,7 @@ def _candidate_block(seed: int, block: int, reference_date: datetime.date) -> pa
         'first_name': pc.take(names.first, first),
         'last_name': pc.take(names.last, last),
         'email': _emails(pc.take(names.first_slug, first), pc.take(names.last_slug, last), numbers, domain),
+        **contact_details(seed, _CONTACTS_STREAM, block, n),
         'city': pc.take(cities.names, pa.array(city)),
         'latitude': pa.array(latitude),
         'longitude': pa.array(longitude),

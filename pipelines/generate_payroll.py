@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines import generate
 from transforms import schemas
@@ -29,7 +30,7 @@ from transforms.payroll_rules import period_start
 DATASETS = ('employees', 'establishments', 'contracts', 'variable_elements', 'withholding_rates')
 EMPLOYEES_PER_ESTABLISHMENT = 100
 ESTABLISHMENTS_PER_COMPANY = 3
-_EMPLOYEES_STREAM, _ESTABLISHMENTS_STREAM, _VARIABLES_STREAM = 20, 21, 22
+_EMPLOYEES_STREAM, _ESTABLISHMENTS_STREAM, _VARIABLES_STREAM, _CONTACTS_STREAM = 20, 21, 22, 23
 _SMIC_MONTHLY_35H = 1867.03  # 12.31 x 151.67: generated salaries start at the SMIC of June 2026
 _PART_TIME_HOURS = np.array([24.0, 28.0, 30.0, 32.0])
 _AT_MP_RATES = np.array([0.8, 1.1, 1.5, 2.2, 3.1, 4.4])
@@ -99,14 +100,24 @@ def _block(block: int, employees: int, period: str, seed: int) -> dict[str, pa.T
     first, last = month_bounds(period)
     birth = np.datetime64('1960-01-01') + rng.integers(0, 365 * 45, size=n)[:k].astype('timedelta64[D]')
     cadre = draws['cadre'] < 0.18
+    nirs = pa.array(_nirs(rng.integers(1, 3, size=n)[:k], birth.astype('datetime64[D]').astype(object),
+                          _department(rng.integers(1, 96, size=n)[:k]), rng.integers(1, 999, size=n)[:k],
+                          rng.integers(1, 999, size=n)[:k]), pa.string())
+    last_name = rng.integers(len(names.last), size=n)[:k]
+    first_name = rng.integers(len(names.first), size=n)[:k]
+    contacts = generate.contact_details(seed, _CONTACTS_STREAM, block, n)
     employees_table = pa.table({
         'employee_id': ids,
-        'nir': pa.array(_nirs(rng.integers(1, 3, size=n)[:k], birth.astype('datetime64[D]').astype(object),
-                              _department(rng.integers(1, 96, size=n)[:k]), rng.integers(1, 999, size=n)[:k],
-                              rng.integers(1, 999, size=n)[:k]), pa.string()),
-        'last_name': names.last.take(pa.array(rng.integers(len(names.last), size=n)[:k])),
-        'first_name': names.first.take(pa.array(rng.integers(len(names.first), size=n)[:k])),
+        'nir': nirs,
+        'last_name': names.last.take(pa.array(last_name)),
+        'first_name': names.first.take(pa.array(first_name)),
         'birth_date': pa.array(birth, pa.date32()),
+        'email': pc.binary_join_element_wise(
+            pc.binary_join_element_wise(names.first_slug.take(pa.array(first_name)),
+                                        names.last_slug.take(pa.array(last_name)),
+                                        pa.array(numbers).cast(pa.string()), '.'), 'example.com', '@'),
+        'phone': contacts['phone'].slice(0, k),
+        'postcode': contacts['postcode'].slice(0, k),
         'cadre': pa.array(cadre),
         'alsace_moselle': pa.array(_alsace_moselle(seed, sites.num_rows)[site]),
         'low_qualification': pa.array((draws['low'] < 0.15) & ~cadre),

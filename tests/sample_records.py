@@ -27,6 +27,8 @@ def candidate(i: int, **changes) -> dict:
         'first_name': f'First{i}',
         'last_name': f'Last{i}',
         'email': f'person{i}@example.fr',
+        'phone': None if i % 5 == 4 else f'+3361234{i:04d}',
+        'postcode': None if i % 5 == 4 else f'{69001 + i % 9}',
         'city': 'Lyon',
         'latitude': 45.0 + i / 100,
         'longitude': 4.0 + i / 100,

@@ -186,9 +186,7 @@ def check_jsonl_first_record(path: str, schema: RecordSchema, pattern: str) -> N
         raise _file_error(pattern, path, f'has a first line that is a JSON {type(record).__name__}, not an object',
                           'Expected one JSON object per line (JSON lines).')
     found = {key: _json_value_type(value) for key, value in record.items()}
-    # JSON writers often leave out null values: only non-nullable fields must be there.
-    required = [f.name for f in schema.fields if not f.nullable]
-    _check_fields(pattern, path, schema, found, 'its first JSON record', required=required)
+    _check_fields(pattern, path, schema, found, 'its first JSON record')
 
 
 def check_avro_schema(path: str, schema: RecordSchema, pattern: str) -> None:
@@ -239,9 +237,11 @@ def _json_value_type(value) -> pa.DataType | None:
 
 
 def _check_fields(pattern: str, path: str, schema: RecordSchema, found: dict[str, pa.DataType | None],
-                  where: str, required: list[str] | None = None) -> None:
-    """ConfigError if ``found`` (field name -> type, None if unknown) lacks or mistypes a declared field."""
-    required = list(schema.names) if required is None else required
+                  where: str) -> None:
+    """ConfigError if ``found`` (field name -> type, None if unknown) lacks a non-nullable declared
+    field or mistypes a declared field. A nullable field may be absent (it reads as nulls): files
+    written before the field was declared still read."""
+    required = [f.name for f in schema.fields if not f.nullable]
     missing = [name for name in required if name not in found]
     if missing:
         raise _file_error(

@@ -107,6 +107,17 @@ def is_email(values: pa.Array) -> np.ndarray:
     return pc.match_substring_regex(values, r'^[^@\s]+@[^@\s]+\.[^@\s]+$').to_numpy(zero_copy_only=False)
 
 
+def is_e164(values: pa.Array) -> np.ndarray:
+    """A phone number in E.164: '+', the country code and the number, 8 to 15 digits in all
+    (``transforms.normalize.phone`` writes them)."""
+    return pc.match_substring_regex(values, r'^\+[1-9][0-9]{7,14}$').to_numpy(zero_copy_only=False)
+
+
+def is_postcode(values: pa.Array) -> np.ndarray:
+    """A French postcode: five digits (``transforms.normalize.postcode`` writes them)."""
+    return pc.match_substring_regex(values, r'^[0-9]{5}$').to_numpy(zero_copy_only=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class Check:
     """A named value check, with the words used in a dead-letter reason ("must be <allowed>")."""
@@ -121,6 +132,8 @@ NIR = Check(is_valid_nir, 'a NIR: 15 characters with a valid key')
 MONTH = Check(is_month, 'a month YYYY-MM')
 LANGUAGE = Check(is_language_code, 'an ISO 639-1 code (two lower-case letters)')
 EMAIL = Check(is_email, 'an e-mail address')
+PHONE = Check(is_e164, 'a phone number in E.164 (+33612345678)')
+POSTCODE = Check(is_postcode, 'a French postcode (5 digits)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +215,8 @@ CANDIDATES = RecordSchema(
         Field('first_name', pa.string()),
         Field('last_name', pa.string()),
         Field('email', pa.string(), check=EMAIL),
+        Field('phone', pa.string(), nullable=True, check=PHONE),
+        Field('postcode', pa.string(), nullable=True, check=POSTCODE),
         Field('city', pa.string()),
         Field('latitude', pa.float64(), **_LAT, doc='WGS84 degrees; NaN is rejected.'),
         Field('longitude', pa.float64(), **_LON, doc='WGS84 degrees; NaN is rejected.'),
@@ -278,6 +293,9 @@ EMPLOYEES = RecordSchema(
         Field('last_name', pa.string()),
         Field('first_name', pa.string()),
         Field('birth_date', pa.date32()),
+        Field('email', pa.string(), nullable=True, check=EMAIL),
+        Field('phone', pa.string(), nullable=True, check=PHONE),
+        Field('postcode', pa.string(), nullable=True, check=POSTCODE),
         Field('cadre', pa.bool_(), doc='Executive status: APEC and prévoyance cadres.'),
         Field('alsace_moselle', pa.bool_(), doc='Local regime of Alsace-Moselle.'),
         Field('low_qualification', pa.bool_(), doc='Below level 3 (CPF: 800 EUR a year, cap 8,000).'),

@@ -70,9 +70,12 @@ def _read_avro(path: str, schema: schemas.RecordSchema) -> pa.Table:
 
 
 def _from_text(value: str, field: schemas.Field):
-    """A CSV cell as the declared type: lists split on ``|`` ('' is the empty list), ISO dates."""
+    """A CSV cell as the declared type: lists split on ``|`` ('' is the empty list), '' is null in a
+    nullable field, ISO dates."""
     if field.is_list:
         return value.split(schemas.LIST_SEPARATOR) if value else []
+    if value == '' and field.nullable:
+        return None
     if pa.types.is_date32(field.type):
         return datetime.date.fromisoformat(value)
     if pa.types.is_floating(field.type):
@@ -115,9 +118,9 @@ def _declared_violations(schema: schemas.RecordSchema, table: pa.Table) -> list[
         column = table.column(field.name).combine_chunks()
         if column.type != field.type:
             problems.append(f'{field.name}: type {column.type}')
-        if column.null_count:
+        if column.null_count and not field.nullable:
             problems.append(f'{field.name}: {column.null_count} nulls')
-        values = pc.list_flatten(column) if field.is_list else column
+        values = pc.list_flatten(column) if field.is_list else column.drop_null()
         if values.null_count:
             problems.append(f'{field.name}: null list items')
         if field.min_value is not None and pc.any(pc.less(values, field.min_value)).as_py():

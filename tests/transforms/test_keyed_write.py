@@ -142,7 +142,7 @@ def test_sql_lists_dates_and_doubles_round_trip(sql_target):
     table = f'candidates_{uuid.uuid4().hex[:10]}'
     rows = [
         {'candidate_id': f'K{i}', 'first_name': 'Zoé', 'last_name': "O'Neil", 'email': f'k{i}@example.fr',
-         'city': 'Lyon', 'latitude': 45.764043, 'longitude': 4.835659,
+         'phone': f'+3378912345{i}' if i % 2 else None, 'postcode': '69001', 'city': 'Lyon', 'latitude': 45.764043, 'longitude': 4.835659,
          'skills': [f'skill-{j}' for j in range(i)], 'years_experience': 2.5, 'expected_salary': 42_000.0,
          'contract_types': ['CDI', 'CDD'][: i % 3], 'languages': ['fr'],
          'last_contact_date': datetime.date(2024, 2, i + 1)}

@@ -331,7 +331,7 @@ def test_launch_fails_when_a_declared_field_is_missing(tmp_path, test_pipeline, 
 
 
 def test_launch_fails_when_a_field_cannot_be_cast_to_its_declared_type(tmp_path, test_pipeline):
-    arrow = sr.nullable_arrow_schema(schemas.CANDIDATES).set(5, pa.field('latitude', pa.list_(pa.float64())))
+    arrow = sr.nullable_arrow_schema(schemas.CANDIDATES).set(schemas.CANDIDATES.names.index('latitude'), pa.field('latitude', pa.list_(pa.float64())))
     path = sr.write_parquet(tmp_path / 'c.parquet', [sr.candidate(0, latitude=[1.0])], schemas.CANDIDATES,
                             arrow_schema=arrow)
     with pytest.raises(ConfigError,
