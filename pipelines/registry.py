@@ -7,6 +7,7 @@ PIPELINES = {
     'payroll': 'pipelines.payroll',
     'cpf': 'pipelines.cpf',
     'dsn': 'pipelines.dsn',
+    'etl': 'pipelines.etl',
 }
 
 

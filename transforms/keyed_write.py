@@ -61,6 +61,7 @@ float32         REAL                 REAL (stored as 8 bytes: the float32 value 
 int64           BIGINT               BIGINT
 int8/16/32      INTEGER              INTEGER
 date32          DATE                 DATE (ISO ``YYYY-MM-DD`` text)
+bool            BOOLEAN              BOOLEAN (0 or 1)
 list<string>    TEXT[]               JSON (a JSON array as text, SQLAlchemy's convention)
 =============== ==================== =================================================
 
@@ -357,12 +358,15 @@ def last_row_per_key(batch: pa.RecordBatch, key: tuple[str, ...]) -> pa.RecordBa
     row-by-row upsert would have left.
     """
     ordered = batch.take(pc.sort_indices(batch, sort_keys=[(k, 'ascending') for k in key]))
-    if ordered.num_rows < 2:
-        return ordered
-    same = _same_key_as_next(ordered, key)
-    if not same.any():
-        return ordered
-    return ordered.filter(pa.array(np.append(~same, True)))
+    last = is_last_of_key(ordered, key)
+    return ordered if last.all() else ordered.filter(pa.array(last))
+
+
+def is_last_of_key(rows: pa.Table | pa.RecordBatch, key: tuple[str, ...]) -> np.ndarray:
+    """For rows sorted by ``key``: whether each row is the last of its key."""
+    if rows.num_rows < 2:
+        return np.ones(rows.num_rows, dtype=bool)
+    return np.append(~_same_key_as_next(rows, key), True)
 
 
 def sort_partition(batches: typing.Sequence[pa.RecordBatch], schema: RecordSchema,
@@ -405,6 +409,8 @@ def _sql_type(arrow_type: pa.DataType, dialect: str) -> str | None:
         return 'INTEGER'
     if pa.types.is_date32(arrow_type):
         return 'DATE'
+    if pa.types.is_boolean(arrow_type):
+        return 'BOOLEAN'
     is_list = pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
     if is_list and (pa.types.is_string(arrow_type.value_type) or pa.types.is_large_string(arrow_type.value_type)):
         return 'TEXT[]' if dialect == 'postgresql' else 'JSON'
@@ -621,6 +627,8 @@ def _copy_fields(column: pa.Array, arrow_type: pa.DataType) -> pa.Array:
     if pa.types.is_date32(arrow_type):
         days = _big_endian(column.cast(pa.int32()), np.int64) - _PG_DATE_EPOCH
         return _fixed_width_fields(days.astype('>i4'), column)
+    if pa.types.is_boolean(arrow_type):
+        return _fixed_width_fields(_big_endian(pc.fill_null(column, False).cast(pa.uint8()), 'u1'), column)
     if pa.types.is_float64(arrow_type):
         dtype = '>f8'
     elif pa.types.is_float32(arrow_type):
@@ -1287,7 +1295,7 @@ class WriteKeyed(beam.PTransform):
             if _sql_type(f.type, self._sql.dialect) is None:
                 raise ValueError(
                     f'schema={self._schema.name!r}: field {f.name!r} has type {f.type}, which has no SQL '
-                    'column type; allowed: string, float32/64, int8/16/32/64, date32, list<string>')
+                    'column type; allowed: string, float32/64, int8/16/32/64, date32, bool, list<string>')
 
     def _check_partitioning(self, partition_by, buckets) -> None:
         if partition_by is not None:
