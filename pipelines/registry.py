@@ -8,6 +8,7 @@ PIPELINES = {
     'cpf': 'pipelines.cpf',
     'dsn': 'pipelines.dsn',
     'etl': 'pipelines.etl',
+    'reports': 'pipelines.reports',
 }
 
 
