@@ -29,7 +29,9 @@ into canonical typed columns on whole arrays, one dead-letter reason per bad cel
 import collections
 import dataclasses
 import datetime
+import functools
 import json
+import re
 import typing
 
 import numpy as np
@@ -193,19 +195,46 @@ def _blame(reasons: Reasons, mask: np.ndarray, values: pa.Array, field: str, pro
         reasons[int(row)].append(f'{field}: {problem} ({values[int(row)].as_py()!r})')
 
 
+# What each strptime directive matches, to find the day a date was written with (see parse_dates).
+_DIRECTIVES = {'d': r'(?P<day>\d{1,2})', 'm': r'\d{1,2}', 'Y': r'\d{4}', 'y': r'\d{2}', 'H': r'\d{1,2}',
+               'M': r'\d{1,2}', 'S': r'\d{1,2}', '%': '%'}
+
+
+@functools.cache
+def _day_pattern(fmt: str) -> str | None:
+    """A regex capturing the day of a date written ``fmt``; None if ``fmt`` has no %d or has a
+    directive not in ``_DIRECTIVES``."""
+    if '%d' not in fmt:
+        return None
+    pieces = []
+    for part in re.split(r'(%.)', fmt):
+        if len(part) == 2 and part[0] == '%':
+            if part[1] not in _DIRECTIVES:
+                return None
+            pieces.append(_DIRECTIVES[part[1]])
+        else:
+            pieces.append(re.escape(part))
+    return '^' + ''.join(pieces) + '$'
+
+
 def parse_dates(text: pa.Array, fmt: str) -> pa.Array:
     """Timestamps (seconds) of ``text`` written ``fmt``; null where a value is not such a date.
 
-    Arrow's strptime rolls impossible dates over (31/02/1987 becomes 3 March): a value that does
-    not format back to itself is checked again by Python's strict ``strptime``, once per distinct
-    value (normally only the unpadded ones, such as 5/5/1985, which are fine).
+    Arrow's strptime rolls impossible dates over (31/02/1987 becomes 3 March): where the parsed
+    day differs from the written one (or, for formats without a plain day, where the value does not
+    format back to itself), Python's strict ``strptime`` decides, once per distinct value.
     """
+    text = pc.utf8_trim_whitespace(text)
     parsed = pc.strptime(text, format=fmt, unit='s', error_is_null=True)
-    again = pc.strftime(parsed, format=fmt)
-    suspect = pc.fill_null(pc.not_equal(again, pc.utf8_trim_whitespace(text)), False)
+    pattern = _day_pattern(fmt)
+    if pattern is not None:
+        written = pc.struct_field(pc.extract_regex(text, pattern), 'day').cast(pa.int64())
+        suspect = pc.fill_null(pc.not_equal(written, pc.day(parsed)), False)
+    else:
+        suspect = pc.fill_null(pc.not_equal(pc.strftime(parsed, format=fmt), text), False)
     if not pc.any(suspect).as_py():
         return parsed
-    values = pc.unique(pc.utf8_trim_whitespace(text.filter(suspect)))
+    values = pc.unique(text.filter(suspect))
 
     def strict(value):
         try:
@@ -214,8 +243,7 @@ def parse_dates(text: pa.Array, fmt: str) -> pa.Array:
             return None
 
     checked = pa.array([strict(v) for v in values.to_pylist()], pa.timestamp('s'))
-    fixed = checked.take(pc.index_in(pc.utf8_trim_whitespace(text.filter(suspect)), value_set=values))
-    return pc.replace_with_mask(parsed, suspect, fixed)
+    return pc.replace_with_mask(parsed, suspect, checked.take(pc.index_in(text.filter(suspect), value_set=values)))
 
 
 def _typed(text: pa.Array, field: schemas.Field, mapping: Mapping, fmt: str | None,
