@@ -8,8 +8,9 @@ The export (cached in benchmarks/.data/) is what a French payroll system writes 
 Latin-1, ';' separators, DD/MM/YYYY dates, phones as people type them ('06 12 34 56 78'), codes
 ('Cadre' / 'Non cadre', 'oui' / 'non'), an update time, 2% of rows repeating an employee with a
 later update and 1% with a bad value. Measured:
-  (p) the ETL pipeline end to end (``python -m pipelines.etl``, DirectRunner, 2 workers, Parquet
-      output, no database): every validation on (NIR keys, dates, enumerations, e-mail, E.164
+  (p) the ETL pipeline end to end (``python -m pipelines.etl``, DirectRunner, Parquet output, no
+      database; in-process by default, as one export file is read by one worker anyway; ``--workers
+      2`` runs two worker processes): every validation on (NIR keys, dates, enumerations, e-mail, E.164
       phones, postcodes), de-duplication and the reconciliation; wall time of the whole process,
       start-up included, and the peak memory of its process tree;
   (a) pyarrow alone: ``pyarrow.csv.read_csv`` of the same file with the same separator, encoding
@@ -106,14 +107,14 @@ def export(cache: str, rows: int, seed: int = 7) -> str:
     return path
 
 
-def pipeline(path: str, work: str) -> dict:
+def pipeline(path: str, work: str, workers: int) -> dict:
     mapping = os.path.join(work, 'employees.yaml')
     with open(mapping, 'w') as handle:
         handle.write(MAPPING)
     output = os.path.join(work, 'out')
     cmd = [sys.executable, '-m', 'pipelines.etl', '--mapping', mapping, '--input', path, '--output', output,
-           '--database', 'none', '--run_id', 'benchmark', '--direct_num_workers', '2',
-           '--direct_running_mode', 'multi_processing']
+           '--database', 'none', '--run_id', 'benchmark', '--direct_num_workers', str(workers),
+           '--direct_running_mode', 'in_memory' if workers == 1 else 'multi_processing']
     log = os.path.join(work, 'etl.log')
     with open(log, 'w') as handle:
         code, seconds, peak = run_measured(cmd, stdout=handle)
@@ -142,6 +143,7 @@ def with_pyarrow(path: str, work: str) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--rows', type=int, default=1_000_000)
+    parser.add_argument('--workers', type=int, default=1, help='DirectRunner workers (1: in-process).')
     parser.add_argument('--cache', default=os.path.join(ROOT, 'benchmarks', '.data'))
     args = parser.parse_args(argv)
     path = export(args.cache, args.rows)
@@ -150,11 +152,11 @@ def main(argv=None) -> int:
         a = with_pyarrow(path, work)
         print(f'(a) pyarrow   {a["rows"]:>10,} rows  {a["rows_per_s"]:>10,.0f} rows/s  {a["seconds"]:6.2f} s '
               '(read_csv + write_table, no validation)', flush=True)
-        p = pipeline(path, work)
+        p = pipeline(path, work, args.workers)
         print(f'(p) pipeline  {p["read"]:>10,} rows  {p["rows_per_s"]:>10,.0f} rows/s  {p["seconds"]:6.2f} s  '
               f'peak {p["peak_rss_mb"]:,.0f} MiB  ({p["written"]:,} written, {p["dead_lettered"]:,} dead letters, '
               f'{p["merged"]:,} merged)', flush=True)
-        figures = {'rows': p['read'], 'rows_per_s': round(p['rows_per_s']), 'seconds': round(p['seconds'], 2),
+        figures = {'rows': p['read'], 'workers': args.workers, 'rows_per_s': round(p['rows_per_s']), 'seconds': round(p['seconds'], 2),
                    'peak_rss_mb': round(p['peak_rss_mb'], 1), 'written': p['written'],
                    'dead_lettered': p['dead_lettered'], 'merged': p['merged'],
                    'pyarrow_rows_per_s': round(a['rows_per_s']), 'pyarrow_seconds': round(a['seconds'], 2),
