@@ -212,20 +212,15 @@ def aggregate(table: pa.Table, keys: typing.Sequence[str], specs: typing.Sequenc
     return pa.table(columns).sort_by([(k, 'ascending') for k in keys])
 
 
-class _AggregateTablesFn(beam.CombineFn):
-    """Combines partial aggregates (Arrow tables of ``schema``) into one: grouped by ``keys``, each
-    other column combined with its function (``sum``, ``min`` or ``max``: associative, so partials
-    of partials are fine). Accumulators are lists of small tables, compacted as they grow."""
-
-    def __init__(self, schema: pa.Schema, keys: tuple[str, ...], functions: dict[str, str]):
-        self._schema, self._keys, self._functions = schema, keys, functions
+class _CompactingTablesFn(beam.CombineFn):
+    """Combines small Arrow tables into one with ``_compact`` (a reduction of a list of tables to a
+    list of at most one): accumulators are lists of tables, compacted as they grow."""
 
     def _compact(self, tables: list) -> list:
-        if not tables:
-            return []
-        merged = pa.concat_tables([t.select(self._schema.names).cast(self._schema) for t in tables])
-        specs = [(name, self._functions[name], name) for name in self._schema.names if name not in self._keys]
-        return [aggregate(merged, self._keys, specs).cast(self._schema)]
+        raise NotImplementedError
+
+    def _empty(self) -> pa.Table:
+        raise NotImplementedError
 
     def create_accumulator(self):
         return []
@@ -239,7 +234,26 @@ class _AggregateTablesFn(beam.CombineFn):
 
     def extract_output(self, accumulator):
         compacted = self._compact(accumulator)
-        return compacted[0] if compacted else self._schema.empty_table()
+        return compacted[0] if compacted else self._empty()
+
+
+class _AggregateTablesFn(_CompactingTablesFn):
+    """Combines partial aggregates (Arrow tables of ``schema``) into one: grouped by ``keys``, each
+    other column combined with its function (``sum``, ``min`` or ``max``: associative, so partials
+    of partials are fine)."""
+
+    def __init__(self, schema: pa.Schema, keys: tuple[str, ...], functions: dict[str, str]):
+        self._schema, self._keys, self._functions = schema, keys, functions
+
+    def _compact(self, tables: list) -> list:
+        if not tables:
+            return []
+        merged = pa.concat_tables([t.select(self._schema.names).cast(self._schema) for t in tables])
+        specs = [(name, self._functions[name], name) for name in self._schema.names if name not in self._keys]
+        return [aggregate(merged, self._keys, specs).cast(self._schema)]
+
+    def _empty(self) -> pa.Table:
+        return self._schema.empty_table()
 
 
 def _sum_all(schema: pa.Schema, keys: tuple[str, ...]) -> _AggregateTablesFn:
@@ -353,7 +367,7 @@ def top_per_offer(table: pa.Table, n: int) -> pa.Table:
     return ordered.filter(pa.array(positions - first < n))
 
 
-class _TopPerOfferFn(beam.CombineFn):
+class _TopPerOfferFn(_CompactingTablesFn):
     """The ``n`` best matches of each offer, from per-batch tops (small Arrow tables)."""
 
     def __init__(self, n: int):
@@ -362,19 +376,8 @@ class _TopPerOfferFn(beam.CombineFn):
     def _compact(self, tables):
         return [top_per_offer(pa.concat_tables(tables), self._n)] if tables else []
 
-    def create_accumulator(self):
-        return []
-
-    def add_input(self, accumulator, table):
-        accumulator.append(table)
-        return self._compact(accumulator) if len(accumulator) >= 32 else accumulator
-
-    def merge_accumulators(self, accumulators):
-        return self._compact([t for accumulator in accumulators for t in accumulator])
-
-    def extract_output(self, accumulator):
-        compacted = self._compact(accumulator)
-        return compacted[0] if compacted else _TOP.empty_table()
+    def _empty(self) -> pa.Table:
+        return _TOP.empty_table()
 
 
 class _MatchPartialsFn(beam.DoFn):
