@@ -9,6 +9,7 @@ PIPELINES = {
     'dsn': 'pipelines.dsn',
     'etl': 'pipelines.etl',
     'reports': 'pipelines.reports',
+    'migration': 'pipelines.migration',
 }
 
 

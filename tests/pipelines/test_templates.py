@@ -13,6 +13,8 @@ import subprocess
 import sys
 
 import apache_beam
+import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 from google.cloud import dataflow_v1beta3
@@ -22,6 +24,9 @@ from pipelines import generate_payroll
 from pipelines import matching
 from pipelines import registry
 from pipelines import templates
+from tests import sample_records
+from transforms import dead_letters
+from transforms import migrations
 from transforms import schemas
 from transforms.errors import ConfigError
 
@@ -38,6 +43,20 @@ def data(tmp_path_factory):
     generate_payroll.generate_payroll(str(directory), employees=50, period='2026-11', seed=3)
     pq.write_table(schemas.PAYSLIPS.arrow_schema().empty_table(), directory / 'payslips.parquet')
     pq.write_table(schemas.PAYSLIP_LINES.arrow_schema().empty_table(), directory / 'payslip_lines.parquet')
+    # ETL: an export of the generated employees and its mapping.
+    employees = pq.read_table(directory / 'employees.parquet')
+    pa_csv.write_csv(employees, directory / 'employees_export.csv')
+    (directory / 'employees.yaml').write_text(
+        'dataset: employees\nfields: {' + ', '.join(f'{n}: {n}' for n in employees.column_names) + '}\n')
+    # Reports: one dead letter to report on.
+    (directory / 'dead_letters.jsonl').write_text(dead_letters.to_json_line(dead_letters.DeadLetter(
+        step='ReadEmployees', error='nir: must be a NIR', payload='{}', source='e.csv#row=1'), 'etl-x') + '\n')
+    # Migration: candidates stored at version 1.
+    v1 = [{**{k: v for k, v in sample_records.candidate(i).items() if k not in ('first_name', 'last_name', 'skills')},
+           'full_name': f'Jean DUPONT{i}', 'phone': '06 12 34 56 78', 'skill_codes': []} for i in range(3)]
+    (directory / 'candidates_v1').mkdir()
+    pq.write_table(pa.Table.from_pylist(v1, schema=migrations.CANDIDATES_V1.arrow_schema()),
+                   directory / 'candidates_v1' / 'part-00000.parquet')
     return directory
 
 
@@ -48,6 +67,9 @@ STEPS = {
                 'WriteControls', 'WriteDeadLetters'),
     'cpf': ('ReadPayslips', 'ReadEmployees', 'Credit', 'WriteCredits', 'WriteCreditsToDatabase', 'WriteDeadLetters'),
     'dsn': ('ReadPayslips', 'ReadPayslipLines', 'ReadEmployees', 'Declare', 'Publish', 'WriteIndex', 'WriteDeadLetters'),
+    'etl': ('ReadExports', 'Convert', 'Deduplicate', 'WriteParquet', 'WriteDatabase', 'Reconcile', 'WriteDeadLetters'),
+    'reports': ('ReadDeadLetters', 'CombineReasons', 'WriteReport'),
+    'migration': ('MigrateTasks', 'LoadCommitted', 'WritePartitions', 'WriteControls', 'WriteDeadLetters'),
 }
 
 
@@ -59,11 +81,20 @@ def _string_parameters(name, data, output):
                 'payslips': str(data / 'payslips.parquet'), 'payslip_lines': str(data / 'payslip_lines.parquet'),
                 'ape_code': '6201Z', 'at_risk_code': '620ZA', 'urssaf_id': '117', 'contact_civility': '01',
                 'contact_name': 'Service paie', 'contact_email': 'paie@example.com', 'contact_phone': '0100000000',
+                'mapping': str(data / 'employees.yaml'), 'input': str(data / 'employees_export.csv'),
+                'kind': 'quality', 'dead_letters': str(data / 'dead_letters.jsonl'),
+                'dataset': 'candidates', 'from': '1', 'to': '2',
                 **{name: str(data / f'{name}.parquet') for name in generate_payroll.DATASETS}}
+    if name == 'migration':
+        required['input'] = str(data / 'candidates_v1')
+    if name == 'reports':  # an option of one kind only
+        required_by_kind = {'dead_letters': required['dead_letters']}
     parameters = {}
     for option in registry.load(name).OPTIONS:
         if option.required:
             parameters[option.name] = required[option.name]
+        elif name == 'reports' and option.name in required_by_kind:
+            parameters[option.name] = required_by_kind[option.name]
         elif option.default is not None:
             parameters[option.name] = templates.parameter_text(option, option.default)
     return parameters
