@@ -356,12 +356,11 @@ class _ConvertFn(beam.DoFn):
 def latest_per_key(rows: pa.Table, key: tuple[str, ...]) -> tuple[pa.Table, pa.Table]:
     """(the row of each key that wins, the rows merged into it): the latest ``_updated_at`` wins
     (null is oldest), then the row read last (``_source``, then ``_row``)."""
-    order_by = [(schemas.SOURCE_COLUMN, 'ascending'), (schemas.ROW_COLUMN, 'ascending')]
+    order_by = [(k, 'ascending') for k in key]
     if etl_mapping.UPDATED_AT in rows.column_names:
-        order_by.insert(0, (etl_mapping.UPDATED_AT, 'ascending', 'at_start'))
-    ordered = rows.take(pc.sort_indices(rows, sort_keys=order_by))
-    # Arrow's sort is stable: within a key, rows stay in the order above, so the last one wins.
-    keyed = ordered.take(pc.sort_indices(ordered, sort_keys=[(k, 'ascending') for k in key]))
+        order_by.append((etl_mapping.UPDATED_AT, 'ascending', 'at_start'))
+    order_by += [(schemas.SOURCE_COLUMN, 'ascending'), (schemas.ROW_COLUMN, 'ascending')]
+    keyed = rows.take(pc.sort_indices(rows, sort_keys=order_by))
     last = is_last_of_key(keyed, key)
     return keyed.filter(pa.array(last)), keyed.filter(pa.array(~last))
 
