@@ -57,6 +57,7 @@ from transforms.keyed_write import WritePartitions
 from transforms.keyed_write import bucket_dir
 from transforms.keyed_write import is_last_of_key
 from transforms.routing import RemoveWhenDone
+from transforms.read import for_pyarrow
 from transforms.routing import SplitByKeyBucket
 from transforms.validation import validate_batch
 
@@ -232,7 +233,7 @@ def read_export(path: str, kind: str, mapping: etl_mapping.Mapping, batch_rows: 
 
         with FileSystems.open(path) as handle:
             reader = pa_csv.open_csv(
-                handle,
+                for_pyarrow(handle),
                 read_options=pa_csv.ReadOptions(encoding=mapping.encoding, block_size=1 << 23),
                 parse_options=pa_csv.ParseOptions(delimiter=mapping.delimiter, newlines_in_values=True,
                                                   invalid_row_handler=on_invalid_row),

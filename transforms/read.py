@@ -306,7 +306,9 @@ class _StreamOf(io.RawIOBase):
         return len(data)
 
 
-def _for_pyarrow(handle):
+def for_pyarrow(handle):
+    """A file opened with ``FileSystems.open`` as something pyarrow's readers accept (a Beam
+    ``CompressedFile`` for .gz, .bz2... is wrapped; other handles are returned as they are)."""
     if isinstance(handle, CompressedFile):
         return io.BufferedReader(_StreamOf(handle), buffer_size=1 << 20)
     return handle
@@ -409,7 +411,7 @@ def read_csv(task: ReadTask, schema: RecordSchema, batch_rows: int, step: str) -
 
     def blocks():
         return pa_csv.open_csv(
-            _for_pyarrow(handle),
+            for_pyarrow(handle),
             read_options=pa_csv.ReadOptions(use_threads=False),
             parse_options=pa_csv.ParseOptions(
                 invalid_row_handler=on_invalid_row, newlines_in_values=False, ignore_empty_lines=False),

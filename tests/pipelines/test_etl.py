@@ -1,6 +1,7 @@
 """ETL of HR exports: French CSV conventions, JSON lines and Avro, mapping checks at launch,
 validation and normalisation, latest-update-wins de-duplication and the per-file reconciliation."""
 import codecs
+import gzip
 import json
 import sqlite3
 
@@ -65,8 +66,10 @@ def exports(tmp_path):
     folder = tmp_path / 'exports'
     folder.mkdir()
     _write(folder / 'salaries_1.csv', HEADER + '\n' + '\n'.join(ROWS[:4]) + '\n', 'latin-1')
-    _write(folder / 'salaries_2.csv', HEADER + '\r\n' + '\r\n'.join(ROWS[4:]) + '\r\n', 'latin-1')
-    return {'mapping': str(mapping), 'input': str(folder / 'salaries_*.csv'), 'folder': folder, 'tmp': tmp_path}
+    # The second file is gzipped, as exports often travel, with Windows line ends.
+    (folder / 'salaries_2.csv.gz').write_bytes(
+        gzip.compress((HEADER + '\r\n' + '\r\n'.join(ROWS[4:]) + '\r\n').encode('latin-1')))
+    return {'mapping': str(mapping), 'input': str(folder / 'salaries_*'), 'folder': folder, 'tmp': tmp_path}
 
 
 def _run(mapping, pattern, output, *extra):
@@ -88,7 +91,7 @@ def test_a_french_csv_export_is_loaded_validated_normalised_and_deduplicated(exp
     files = {f['file'].rsplit('/', 1)[1]: f for f in summary['files']}
     assert files['salaries_1.csv'] == {'file': files['salaries_1.csv']['file'], 'read': 4, 'written': 2,
                                        'dead_lettered': 1, 'merged': 1}
-    assert files['salaries_2.csv'] == {'file': files['salaries_2.csv']['file'], 'read': 3, 'written': 0,
+    assert files['salaries_2.csv.gz'] == {'file': files['salaries_2.csv.gz']['file'], 'read': 3, 'written': 0,
                                        'dead_lettered': 2, 'merged': 1}
     reconciliation = json.loads((output / 'reconciliation' / 'reconciliation.json').read_text())
     assert reconciliation == summary['files']
