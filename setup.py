@@ -26,6 +26,7 @@ _DIRECT = {
     'pyyaml': 'pyyaml',
     'holidays': 'holidays',
     'phonenumbers': 'phonenumbers',
+    'croniter': 'croniter',
 }
 
 

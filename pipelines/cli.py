@@ -7,6 +7,10 @@
     hrbatch audit list|verify         the audit trail; verify exits 1 naming a tampered record
     hrbatch flink up|status|down      a local Flink cluster, job server and SDK worker pool
     hrbatch template metadata|build|run  Dataflow Flex Templates (prints the commands; --execute runs them)
+    hrbatch schedule --config FILE    launch the pipelines on their schedules (--once --at T: one instant;
+                                      exec: one occurrence; export --target k8s|cloud-scheduler|airflow)
+    hrbatch cancel RUN_ID             stop a running run (it polls the ledger); the ledger says cancelled
+    hrbatch dashboard --ledger URL    a read-only web page of the runs (token or basic auth; 127.0.0.1)
 
 Configuration errors print one line naming the option, the value and what is allowed, and exit 2.
 """
@@ -18,6 +22,7 @@ import sys
 from pipelines import options as opts
 from pipelines import registry
 from transforms.errors import ConfigError
+from transforms.errors import HrbatchError
 
 _USAGE = __doc__.split('\n\n', 1)[1].split('\n\n')[0]
 
@@ -76,14 +81,33 @@ def main(argv: list[str] | None = None) -> int:
         if command == 'template':
             from pipelines import templates
             return templates.main(rest)
+        if command == 'schedule':
+            from pipelines import scheduler
+            return scheduler.main(rest)
+        if command == 'cancel':
+            from pipelines import cancel
+            return cancel.main(rest)
+        if command == 'dashboard':
+            from pipelines import dashboard
+            return dashboard.main(rest)
         if command == 'run':
             if not rest:
                 raise ConfigError(f'hrbatch run needs a pipeline name: {", ".join(sorted(registry.PIPELINES))}')
             return _run_pipeline(rest[0], rest[1:])
-        raise ConfigError(f'unknown command {command!r}; commands: demo, generate, run, runs, audit, flink, template')
+        raise ConfigError(f'unknown command {command!r}; commands: demo, generate, run, runs, audit, flink, template, schedule, cancel, dashboard')
     except ConfigError as err:
         print(f'hrbatch: error: {err}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print('hrbatch: interrupted', file=sys.stderr)
+        return 130
+    except HrbatchError as err:
+        from pipelines.progress import RunCancelled
+        if not isinstance(err, RunCancelled):
+            raise
+        # Ctrl-C or ``hrbatch cancel``: recorded as cancelled in the ledger and the audit trail.
+        print(f'hrbatch: {err}', file=sys.stderr)
+        return 130
 
 
 def main_for(name: str) -> int:

@@ -26,6 +26,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import TestOptions
 
 from pipelines import options as opts
+from pipelines import progress
 from pipelines.runner import pipeline_options
 from transforms import audit
 from transforms import ledger
@@ -47,6 +48,11 @@ LIFECYCLE_OPTIONS = (
     opts.Option('ledger', 'SQL database of the run ledger and the audit trail (sqlite:///PATH or '
                 'postgresql://...). Default: $HRBATCH_DATABASE, else sqlite:///OUTPUT/hrbatch.db for a local output.'),
     opts.Option('run_id', 'Identifier of this run. Default: generated.'),
+    opts.Option('windows', 'YAML file (local or gs://) whose companies: section holds the maintenance windows '
+                '(pipelines/schedules.example.yaml). With --company, a run outside the windows is refused, naming '
+                'the rule and when it may run, unless --force (refusal and override are audited). '
+                'Default: $HRBATCH_WINDOWS.'),
+    opts.Option('company', 'Whose maintenance windows of --windows apply to this run. Default: $HRBATCH_COMPANY.'),
 )
 
 
@@ -154,6 +160,14 @@ def execute(spec: RunSpec, *, parameters: dict, inputs: list[str], data_categori
         store.clear()  # recompute everything: nothing committed before counts
     try:
         outcome = work(store)
+    except (progress.RunCancelled, KeyboardInterrupt) as error:
+        # Ctrl-C or ``hrbatch cancel``: the run stopped; its committed work is reused by the next run.
+        runs.cancel(begin.run_id)
+        reason = getattr(error, 'reason', 'interrupted (Ctrl-C)')
+        trail.append(audit.RUN_CANCELLED, run_id=begin.run_id, record_refs={'reason': reason}, **common)
+        if isinstance(error, KeyboardInterrupt):
+            raise progress.RunCancelled(f'run {begin.run_id} cancelled: {reason}', reason=reason) from None
+        raise
     except BaseException as error:
         runs.fail(begin.run_id, ledger.short_error(error))
         trail.append(audit.RUN_FAILED, run_id=begin.run_id, record_refs={'error': type(error).__name__}, **common)
@@ -172,6 +186,13 @@ def counter(result, name: str) -> int:
     return sum(r.committed or 0 for r in result.metrics().query(query)['counters'])
 
 
+def window_guard(operation: str, values: dict, spec: RunSpec) -> None:
+    """Refuses a run outside the maintenance windows of ``--company`` in ``--windows`` unless ``--force``
+    (``pipelines.scheduler.guard_run``); nothing to check without them."""
+    from pipelines import scheduler  # the scheduler imports the registry, which imports the pipelines
+    scheduler.guard_run(operation, values, spec)
+
+
 def run_pipeline(operation: str, values: dict, beam_args: list[str], *, output: str,
                  make_config: typing.Callable[[str], typing.Any], build: typing.Callable,
                  summarize: typing.Callable, inputs: typing.Callable[[typing.Any], list[str]],
@@ -186,20 +207,22 @@ def run_pipeline(operation: str, values: dict, beam_args: list[str], *, output: 
     ``private`` options (personal data such as a contact's name) are left out of the ledger's parameters.
     """
     spec = RunSpec.from_values(operation, values, output)
+    window_guard(operation, values, spec)
     config = make_config(spec.run_id)
     if describes_only(pipeline_options(beam_args)):
         return spec, describe(operation, spec.run_id, output, beam_args,
                               lambda pipeline, store: build(pipeline, config, store))
-    left_out = ('run_id', 'force', 'resume', 'operator', 'ledger', *private)
+    left_out = ('run_id', 'force', 'resume', 'operator', 'ledger', 'windows', 'company', *private)
     parameters = {k: v for k, v in values.items() if k not in left_out}
     parameters['beam_args'] = beam_args
     summary = {}
 
     def work(store):
-        pipeline = beam.Pipeline(options=pipeline_options(beam_args))
+        # The local engine reports its counters while it runs; progress and cancellation: pipelines.progress.
+        pipeline = beam.Pipeline(runner=progress.local_runner(beam_args), options=pipeline_options(beam_args))
         built = build(pipeline, config, store)
-        result = pipeline.run()
-        result.wait_until_finish()
+        result = progress.run_watched(pipeline, operation=operation, values=values, run_id=spec.run_id,
+                                      ledger_url=spec.ledger_url, beam_args=beam_args, checkpoints=store.root)
         figures, outcome = summarize(result, config, built)
         summary.update(figures)
         return outcome

@@ -10,6 +10,8 @@ PIPELINES = {
     'etl': 'pipelines.etl',
     'reports': 'pipelines.reports',
     'migration': 'pipelines.migration',
+    'gdpr_anonymize': 'pipelines.gdpr_anonymize',
+    'subject_access': 'pipelines.subject_access',
 }
 
 

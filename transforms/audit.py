@@ -80,6 +80,7 @@ RUN_SKIPPED = 'run.skipped'        # the run key already succeeded: nothing done
 RUN_FORCED = 'run.forced'          # started although the run key already succeeded
 RUN_TAKEN_OVER = 'run.taken_over'  # a crashed run marked failed by a resumed one
 WINDOW_REFUSED = 'window.refused'
+WINDOW_OVERRIDDEN = 'window.overridden'  # started outside its maintenance window with --force
 RETENTION_APPLIED = 'retention.applied'
 
 MODIFIED, REMOVED, REORDERED = 'modified', 'removed', 'reordered'
@@ -445,6 +446,19 @@ class AuditTrail:
         db.execute(conn, f'INSERT INTO {_quote(AUDIT_TABLE)} ({", ".join(_AUDIT_COLUMNS)}) '
                          f'VALUES ({", ".join("?" * len(_AUDIT_COLUMNS))})', record.row())
         return record
+
+    def list_for_run_key(self, run_key: str, *, action: str | None = None, limit: int = 1000) -> list[AuditRecord]:
+        """The records of ``run_key`` (of one ``action`` if given), in seq order, at most the last ``limit``."""
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError(f'limit={limit!r} is not allowed: limit must be an integer >= 1')
+        condition, params = 'run_key = ?', [run_key]
+        if action is not None:
+            condition, params = condition + ' AND action = ?', params + [action]
+        statement = (f'SELECT * FROM ({_SELECT} WHERE {condition} ORDER BY seq DESC LIMIT ?) AS last_records '
+                     'ORDER BY seq')
+        with self._db.session() as conn:
+            rows = self._db.execute(conn, statement, (*params, limit)).fetchall()
+        return [AuditRecord.from_row(row) for row in rows]
 
     def list(self, since: int | str | datetime.datetime | None = None, limit: int = 100) -> list[AuditRecord]:
         """Records in seq order: without ``since``, the last ``limit``; with ``since`` a seq, the first

@@ -642,3 +642,134 @@ def _parquet_footer(handle, size: int) -> dict | None:
     metadata = pq.read_metadata(pa.BufferReader(_PARQUET_MAGIC + footer + tail))
     return {'num_rows': metadata.num_rows, 'num_row_groups': metadata.num_row_groups,
             'created_by': metadata.created_by, 'footer_sha256': hashlib.sha256(footer).hexdigest()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Progress and cancellation requests
+
+
+PROGRESS_TABLE = 'hrbatch_run_progress'
+_PROGRESS_COLUMNS = {
+    'run_id': 'TEXT', 'counter': 'TEXT', 'processed': 'INTEGER', 'total': 'INTEGER', 'rate': 'REAL',
+    'updated_at': 'TEXT', 'runner': 'TEXT', 'runner_job_id': 'TEXT', 'cancel_requested_at': 'TEXT',
+    'cancel_requested_by': 'TEXT',
+}
+_PROGRESS_DDL = (
+    f'CREATE TABLE IF NOT EXISTS {_quote(PROGRESS_TABLE)} ('
+    'run_id TEXT NOT NULL PRIMARY KEY, counter TEXT, processed INTEGER, total INTEGER, rate REAL, '
+    'updated_at TEXT, runner TEXT, runner_job_id TEXT, cancel_requested_at TEXT, cancel_requested_by TEXT)',
+)
+_SELECT_PROGRESS = f'SELECT {", ".join(_PROGRESS_COLUMNS)} FROM {_quote(PROGRESS_TABLE)}'
+
+
+@dataclasses.dataclass(frozen=True)
+class RunProgressRow:
+    """The last progress a run reported, its runner (and the runner's job id), and any cancel request.
+
+    ``processed`` is the value of the run's main read counter (``counter``), ``total`` what it will
+    reach if known at launch (None otherwise), ``rate`` items per second since the start."""
+    run_id: str
+    counter: str | None
+    processed: int | None
+    total: int | None
+    rate: float | None
+    updated_at: str | None
+    runner: str | None
+    runner_job_id: str | None
+    cancel_requested_at: str | None
+    cancel_requested_by: str | None
+
+    @classmethod
+    def from_row(cls, row: typing.Sequence) -> RunProgressRow:
+        return cls(**dict(zip(_PROGRESS_COLUMNS, row)))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class RunProgress:
+    """Table ``hrbatch_run_progress``, beside ``hrbatch_runs``: one row per run, upserted by the
+    process watching the run (throttled: a few writes a minute) and by ``hrbatch cancel``.
+
+    A table of its own rather than columns of ``hrbatch_runs``: ledgers created by earlier versions
+    keep working unchanged (their ``hrbatch_runs`` is checked column for column). Without ``create``
+    a missing table reads as "no progress recorded" (it is only created by a run that reports).
+    """
+
+    def __init__(self, url: str, *, create: bool = True):
+        self._db = Database(url, what='run ledger database')
+        self._present = True
+        key = ('run_id',)
+        if create:
+            self._db.ensure_table(PROGRESS_TABLE, _PROGRESS_DDL, _PROGRESS_COLUMNS, key)
+        else:
+            with self._db.session(create=False) as conn:
+                found, found_key = table_columns(conn, self._db.dialect, PROGRESS_TABLE)
+            self._present = bool(found)
+            if found:
+                self._db._check_columns(PROGRESS_TABLE, found, found_key, _PROGRESS_COLUMNS, key)
+
+    def __repr__(self) -> str:
+        return f'RunProgress({str(self._db)!r})'
+
+    def _upsert(self, run_id: str, values: dict) -> None:
+        columns = ['run_id', *values]
+        updates = ', '.join(f'{c} = excluded.{c}' for c in values)
+        with self._db.session() as conn, self._db.transaction(conn):
+            self._db.execute(
+                conn, f'INSERT INTO {_quote(PROGRESS_TABLE)} ({", ".join(columns)}) '
+                      f'VALUES ({", ".join("?" * len(columns))}) ON CONFLICT (run_id) DO UPDATE SET {updates}',
+                (run_id, *values.values()))
+
+    def start(self, run_id: str, *, runner: str, counter: str | None, total: int | None,
+              runner_job_id: str | None = None, now: str | None = None) -> None:
+        """Records the run's runner and what its progress counts, before it processes anything."""
+        self._upsert(run_id, {'counter': counter, 'processed': 0, 'total': total, 'rate': None,
+                              'updated_at': now or utc_now(), 'runner': runner, 'runner_job_id': runner_job_id})
+
+    def set_job_id(self, run_id: str, runner_job_id: str | None) -> None:
+        self._upsert(run_id, {'runner_job_id': runner_job_id})
+
+    def record(self, run_id: str, processed: int, total: int | None, rate: float | None,
+               now: str | None = None) -> None:
+        """The run's latest progress (replaces the previous one)."""
+        self._upsert(run_id, {'processed': int(processed), 'total': total,
+                              'rate': None if rate is None else float(rate), 'updated_at': now or utc_now()})
+
+    def request_cancel(self, run_id: str, operator: str | None = None, now: str | None = None) -> RunProgressRow:
+        """Marks a request to cancel ``run_id``; the process running it polls for it and stops.
+        The first request is kept (a second one does not move its time)."""
+        with self._db.session() as conn, self._db.transaction(conn):
+            self._db.execute(
+                conn, f'INSERT INTO {_quote(PROGRESS_TABLE)} (run_id, cancel_requested_at, cancel_requested_by) '
+                      'VALUES (?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET '
+                      f'cancel_requested_at = COALESCE({_quote(PROGRESS_TABLE)}.cancel_requested_at, '
+                      'excluded.cancel_requested_at), '
+                      f'cancel_requested_by = COALESCE({_quote(PROGRESS_TABLE)}.cancel_requested_by, '
+                      'excluded.cancel_requested_by)',
+                (run_id, now or utc_now(), current_operator(operator)))
+        return self.get(run_id)
+
+    def cancel_requested(self, run_id: str) -> bool:
+        row = self.get(run_id)
+        return row is not None and row.cancel_requested_at is not None
+
+    def get(self, run_id: str) -> RunProgressRow | None:
+        if not self._present:
+            return None
+        with self._db.session() as conn:
+            row = self._db.execute(conn, f'{_SELECT_PROGRESS} WHERE run_id = ?', (run_id,)).fetchone()
+        return None if row is None else RunProgressRow.from_row(row)
+
+    def get_many(self, run_ids: typing.Iterable[str]) -> dict[str, RunProgressRow]:
+        run_ids = list(dict.fromkeys(run_ids))
+        if not self._present or not run_ids:
+            return {}
+        found = {}
+        with self._db.session() as conn:
+            for start in range(0, len(run_ids), 500):
+                chunk = run_ids[start:start + 500]
+                rows = self._db.execute(conn, f'{_SELECT_PROGRESS} WHERE run_id IN ({", ".join("?" * len(chunk))})',
+                                        tuple(chunk)).fetchall()
+                found.update((r[0], RunProgressRow.from_row(r)) for r in rows)
+        return found

@@ -57,6 +57,12 @@ def data(tmp_path_factory):
     (directory / 'candidates_v1').mkdir()
     pq.write_table(pa.Table.from_pylist(v1, schema=migrations.CANDIDATES_V1.arrow_schema()),
                    directory / 'candidates_v1' / 'part-00000.parquet')
+    # GDPR: a retention policy over the candidates, its key, and one subject-access request.
+    (directory / 'policy.yaml').write_text(
+        f'datasets:\n  - {{name: candidates, path: {directory / "candidates.parquet"}, category: recruitment, '
+        'retention: 2y, from: last_contact_date}\n')
+    (directory / 'gdpr.key').write_bytes(b'k' * 32)
+    (directory / 'requests.csv').write_text('request_id,received,candidate_id\nR1,2026-11-20,C00000001\n')
     return directory
 
 
@@ -70,6 +76,8 @@ STEPS = {
     'etl': ('ReadExports', 'Convert', 'Deduplicate', 'WriteParquet', 'WriteDatabase', 'Reconcile', 'WriteDeadLetters'),
     'reports': ('ReadDeadLetters', 'CombineReasons', 'WriteReport'),
     'migration': ('MigrateTasks', 'LoadCommitted', 'WritePartitions', 'WriteControls', 'WriteDeadLetters'),
+    'gdpr_anonymize': ('MeasureCandidates', 'AnonymiseCandidates'),
+    'subject_access': ('ParseRequests', 'ScanCandidates', 'WriteBundles', 'WriteDeadLetters'),
 }
 
 
@@ -84,16 +92,19 @@ def _string_parameters(name, data, output):
                 'mapping': str(data / 'employees.yaml'), 'input': str(data / 'employees_export.csv'),
                 'kind': 'quality', 'dead_letters': str(data / 'dead_letters.jsonl'),
                 'dataset': 'candidates', 'from': '1', 'to': '2',
+                'policy': str(data / 'policy.yaml'), 'subjects': str(data / 'requests.csv'),
                 **{name: str(data / f'{name}.parquet') for name in generate_payroll.DATASETS}}
     if name == 'migration':
         required['input'] = str(data / 'candidates_v1')
-    if name == 'reports':  # an option of one kind only
-        required_by_kind = {'dead_letters': required['dead_letters']}
+    # Options that are optional in general but that these runs need.
+    required_by_kind = {'reports': {'dead_letters': required['dead_letters']},
+                        'gdpr_anonymize': {'key_file': str(data / 'gdpr.key')},
+                        'subject_access': {'candidates': str(data / 'candidates.parquet')}}.get(name, {})
     parameters = {}
     for option in registry.load(name).OPTIONS:
         if option.required:
             parameters[option.name] = required[option.name]
-        elif name == 'reports' and option.name in required_by_kind:
+        elif option.name in required_by_kind:
             parameters[option.name] = required_by_kind[option.name]
         elif option.default is not None:
             parameters[option.name] = templates.parameter_text(option, option.default)
