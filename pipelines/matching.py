@@ -260,7 +260,7 @@ def build(pipeline: beam.Pipeline, config: MatchingConfig, store: CheckpointStor
         file_pattern=config.candidates, schema=_CANDIDATE_KEYS, file_format=config.candidates_format,
         batch_rows=_KEY_BATCH_ROWS, step='ReadCandidateKeys')
     losers = candidate_keys.records | 'FindDuplicateCandidates' >> FindDuplicateKeys(
-        key=schemas.CANDIDATES.key, buckets=16)
+        key=schemas.CANDIDATES.key, buckets=16, spill_dir=lifecycle.spill_dir(config.output, config.run_id))
 
     file_format, tasks = plan_read_tasks(config.candidates, schemas.CANDIDATES, config.candidates_format)
     units = [unit_id(*task) for task in tasks]

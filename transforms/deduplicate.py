@@ -104,7 +104,9 @@ class _SplitByBucketFn(beam.DoFn):
 
 def _losers_of_bucket(element) -> pa.RecordBatch:
     _, parts = element
-    return find_duplicates(pa.Table.from_batches(list(parts)))
+    # Batches from the shuffle, or (name, piece) pairs when the locations were spilled (see below).
+    batches = [part[1].load() if isinstance(part, tuple) else part for part in parts]
+    return find_duplicates(pa.Table.from_batches(batches))
 
 
 class Losers:
@@ -173,22 +175,36 @@ class FindDuplicateKeys(beam.PTransform):
 
     Output: RecordBatches as returned by ``find_duplicates``, none when there is no duplicate; pass
     them as a list side input to ``Losers``.
+
+    ``spill_dir``: if given, the key locations go through Arrow files there and only references to
+    them are grouped (``transforms.routing``): the shuffle no longer holds every key of the input.
+    The directory is removed once the duplicates are found.
     """
 
-    def __init__(self, *, key: tuple[str, ...], buckets: int = 64):
+    def __init__(self, *, key: tuple[str, ...], buckets: int = 64, spill_dir: str | None = None):
         super().__init__()
         check_positive_int('buckets', buckets)
         self._key = key
         self._buckets = buckets
+        self._spill_dir = spill_dir
 
     def expand(self, records):
-        return (
-            records
-            | 'SplitByBucket' >> beam.ParDo(_SplitByBucketFn(self._key, self._buckets)
-                                           ).with_output_types(typing.Tuple[int, pa.RecordBatch])
+        if self._spill_dir is None:
+            routed = records | 'SplitByBucket' >> beam.ParDo(
+                _SplitByBucketFn(self._key, self._buckets)).with_output_types(typing.Tuple[int, pa.RecordBatch])
+        else:
+            from transforms import routing  # routing builds on this module's stable_buckets
+            routed = (records
+                      | 'KeyLocations' >> beam.Map(_key_locations, self._key)
+                      | 'SpillByBucket' >> beam.ParDo(routing.SplitByKeyBucket(
+                          'locations', _KEY, self._buckets, spill_dir=self._spill_dir)))
+        losers = (
+            routed
             | 'GroupBuckets' >> beam.GroupByKey()
-            | 'FindDuplicates' >> beam.Map(_losers_of_bucket).with_output_types(pa.RecordBatch)
-            | 'KeepNonEmpty' >> beam.Filter(lambda batch: batch.num_rows > 0))
+            | 'FindDuplicates' >> beam.Map(_losers_of_bucket).with_output_types(pa.RecordBatch))
+        if self._spill_dir is not None:
+            losers | 'RemoveSpill' >> routing.RemoveWhenDone(self._spill_dir)
+        return losers | 'KeepNonEmpty' >> beam.Filter(lambda batch: batch.num_rows > 0)
 
 
 class DropDuplicateKeys(beam.PTransform):

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from transforms import schemas
 from transforms.deduplicate import DropDuplicateKeys
+from transforms.deduplicate import FindDuplicateKeys
 from transforms.deduplicate import find_duplicates
 from transforms.deduplicate import key_strings
 from transforms.deduplicate import stable_buckets
@@ -72,3 +73,23 @@ def test_drop_duplicate_keys_in_a_pipeline(test_pipeline, use_reference):
             ('Dedup', 'b.csv#row=1', "duplicate key person_id='p2': the first occurrence, at a.csv#row=1, is kept", 41),
             ('Dedup', 'b.csv#row=2', "duplicate key person_id='p1': the first occurrence, at a.csv#row=0, is kept", 32),
         ]), label='duplicates')
+
+
+def test_find_duplicate_keys_through_spilled_files_finds_the_same_and_removes_them(test_pipeline, tmp_path):
+    first = _batch([_row('p1', 30, 'a.csv', 0), _row('p2', 40, 'a.csv', 1), _row('p1', 31, 'a.csv', 2)])
+    second = _batch([_row('p3', 50, 'b.csv', 0), _row('p2', 41, 'b.csv', 1), _row('p1', 32, 'b.csv', 2)])
+    spill = tmp_path / 'spill'
+    found = {}
+    for name, spill_dir in (('shuffled', None), ('spilled', str(spill))):
+        result = tmp_path / f'{name}.json'
+        with test_pipeline() as p:
+            losers = (p | beam.Create([second, first])
+                      | FindDuplicateKeys(key=_SCHEMA.key, buckets=4, spill_dir=spill_dir))
+            (losers | beam.FlatMap(lambda b: b.to_pylist()) | beam.combiners.ToList()
+             | beam.Map(lambda rows, path=result: path.write_text(json.dumps(sorted(
+                 (r['_key'], r[schemas.SOURCE_COLUMN], r[schemas.ROW_COLUMN], r['winner_source'], r['winner_row'])
+                 for r in rows)))))
+        found[name] = json.loads(result.read_text())
+    assert found['spilled'] == found['shuffled'] == [
+        ['p1', 'a.csv', 2, 'a.csv', 0], ['p1', 'b.csv', 2, 'a.csv', 0], ['p2', 'b.csv', 1, 'a.csv', 1]]
+    assert not spill.exists()
