@@ -1,8 +1,8 @@
 """hrbatch against the Celery jobs it replaces, on the same machine, the same data and the same database.
 
     bash benchmarks/celery_baseline/install.sh          # once: redis-server and the Celery lock
-    .venv/bin/python benchmarks/compare.py               # 20,000 candidates x 100 offers, 20,000 employees
-    .venv/bin/python benchmarks/compare.py --candidates 200000 --offers 100 --employees 100000
+    .venv/bin/python benchmarks/compare.py               # pipelines: 200,000 x 500, 200,000 employees; Celery: a sample
+    .venv/bin/python benchmarks/compare.py --candidates 20000 --offers 100 --employees 20000 --celery_offers 100 --celery_employees 20000
 
 In one run, on generated data (cached in benchmarks/.data/) loaded into one SQLite database first
 (untimed: a Celery team has its data in its database already):

@@ -14,7 +14,8 @@ later update and 1% with a bad value. Measured:
       phones, postcodes), de-duplication and the reconciliation; wall time of the whole process,
       start-up included, and the peak memory of its process tree;
   (a) pyarrow alone: ``pyarrow.csv.read_csv`` of the same file with the same separator, encoding
-      and date format, then ``pyarrow.parquet.write_table``: no validation, no de-duplication.
+      and date format, then ``pyarrow.parquet.write_table``: no validation, no de-duplication; the
+      best of two runs (the file is then in the page cache, as it is for the pipeline after it).
 Ends with one JSON line: ``rows_per_s`` (the pipeline), ``pyarrow_rows_per_s`` and
 ``ratio_vs_pyarrow``. Nothing here asserts a time.
 """
@@ -129,15 +130,19 @@ def pipeline(path: str, work: str, workers: int) -> dict:
 
 
 def with_pyarrow(path: str, work: str) -> dict:
-    start = time.perf_counter()
-    table = pa_csv.read_csv(
-        path, read_options=pa_csv.ReadOptions(encoding='latin-1'),
-        parse_options=pa_csv.ParseOptions(delimiter=';'),
-        convert_options=pa_csv.ConvertOptions(timestamp_parsers=['%d/%m/%Y', '%d/%m/%Y %H:%M'],
-                                              column_types={'code_postal': pa.string(), 'telephone': pa.string()}))
-    pq.write_table(table, os.path.join(work, 'pyarrow.parquet'))
-    seconds = time.perf_counter() - start
-    return {'rows': table.num_rows, 'seconds': seconds, 'rows_per_s': table.num_rows / seconds}
+    """The best of two runs: the first also pays for reading the file into the page cache."""
+    best = None
+    for _ in range(2):
+        start = time.perf_counter()
+        table = pa_csv.read_csv(
+            path, read_options=pa_csv.ReadOptions(encoding='latin-1'),
+            parse_options=pa_csv.ParseOptions(delimiter=';'),
+            convert_options=pa_csv.ConvertOptions(timestamp_parsers=['%d/%m/%Y', '%d/%m/%Y %H:%M'],
+                                                  column_types={'code_postal': pa.string(), 'telephone': pa.string()}))
+        pq.write_table(table, os.path.join(work, 'pyarrow.parquet'))
+        seconds = time.perf_counter() - start
+        best = seconds if best is None else min(best, seconds)
+    return {'rows': table.num_rows, 'seconds': best, 'rows_per_s': table.num_rows / best}
 
 
 def main(argv=None) -> int:
