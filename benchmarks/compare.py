@@ -7,6 +7,10 @@
 In one run, on generated data (cached in benchmarks/.data/) loaded into one SQLite database first
 (untimed: a Celery team has its data in its database already):
 
+Celery works on a sample (``--celery_offers`` offers against every candidate, the first
+``--celery_employees`` employees): the cost of a task does not depend on how many others run, so its
+rate is the same, and the whole set would keep it busy for hours. The checks compare that sample.
+
   matching  Celery: one ``match_offer`` task per offer (benchmarks/celery_baseline/tasks.py) on a real
             Redis broker and result backend and a prefork worker of concurrency 2, loading every
             candidate from the database, scoring chunks of 50 with ``transforms.scoring.score_pair``,
