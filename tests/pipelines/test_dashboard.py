@@ -23,7 +23,9 @@ from transforms.errors import ConfigError
 
 TOKEN = 'test-token-0123456789abcdef'
 SCREENSHOTS = pathlib.Path(__file__).resolve().parents[1] / '.screenshots'
-NOW = datetime.datetime(2026, 12, 4, 10, 0, tzinfo=datetime.timezone.utc)
+# The dashboard's clock: fixed, and after every run the tests record with the real clock (the
+# durations of running runs are counted up to it).
+NOW = datetime.datetime(2030, 1, 4, 10, 0, tzinfo=datetime.timezone.utc)
 SCHEDULES = """
 ledger: sqlite:////tmp/unused.db
 schedules:
@@ -153,8 +155,8 @@ def test_the_right_credentials_get_the_runs(served, headers):
     assert by_id['matching-ok']['dead_letters'] == 3 and by_id['matching-ok']['schedule'] == 'nightly-matching'
     assert data['audit']['ok'] is True and len(data['audit']['head_hash']) == 64
     schedules = {s['name']: s for s in data['schedules']}
-    assert schedules['nightly-matching']['next_run'] == '2026-12-05 02:30'      # 10:00 UTC is 11:00 in Paris
-    assert schedules['payroll-acme']['next_run'] == '2027-01-01 06:00'
+    assert schedules['nightly-matching']['next_run'] == '2030-01-05 02:30'      # 10:00 UTC is 11:00 in Paris
+    assert schedules['payroll-acme']['next_run'] == '2030-02-01 06:00'
     assert schedules['nightly-matching']['last_run']['run_id'] == 'matching-ok'
 
 
@@ -219,7 +221,7 @@ def test_the_page_in_headless_chromium(served, tmp_path):
         assert f'id="{section}"' in dom, section
     for state in ledger.STATES:
         assert f'data-state="{state}"' in dom
-    for text in ('FlinkRunner (4f1c2a)', 'DataflowRunner', 'cancel requested', '2026-12-05 02:30', 'verified',
+    for text in ('FlinkRunner (4f1c2a)', 'DataflowRunner', 'cancel requested', '2030-01-05 02:30', 'verified',
                  'role="progressbar"'):
         assert text in dom, text
     assert TOKEN not in dom
