@@ -47,7 +47,7 @@ ROOT = os.path.dirname(BENCHMARKS)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, BENCHMARKS)
 
-from memory import run_measured  # noqa: E402
+from memory import run_logged  # noqa: E402
 from pipelines import generate  # noqa: E402
 from pipelines import generate_payroll  # noqa: E402
 
@@ -124,16 +124,6 @@ def celery_payroll(services, database: str, timeout: float, sample_employees: in
 
 # --- the pipelines ------------------------------------------------------------------------------------
 
-def _run(cmd: list[str], log: str) -> tuple[float, float, str]:
-    with open(log, 'w') as handle:
-        code, seconds, peak = run_measured(cmd, stdout=handle)
-    with open(log) as handle:
-        text = handle.read()
-    if code != 0:
-        raise SystemExit(f'{" ".join(cmd[:3])} failed with exit code {code}; see {log}:\n{text[-3000:]}')
-    return seconds, peak / 2**20, text
-
-
 def runner_options(workers: int) -> list[str]:
     return ['--direct_num_workers', str(workers), '--direct_running_mode', 'multi_processing']
 
@@ -144,7 +134,7 @@ def pipeline_matching(candidates: str, offers: str, database: str, work: str, wo
            '--output', output, '--database', f'sqlite:///{database}',
            '--ledger', f'sqlite:///{os.path.join(work, "ledger.db")}', '--run_id', 'compare-matching',
            *runner_options(workers)]
-    seconds, peak, text = _run(cmd, os.path.join(work, 'pipeline-matching.log'))
+    seconds, peak, text = run_logged(cmd, os.path.join(work, 'pipeline-matching.log'))
     pairs = int(text.split('pairs scored')[1].split()[0].replace(',', ''))
     matches = int(text.split('matches written')[1].split()[0].replace(',', ''))
     return {'pairs': pairs, 'matches': matches, 'seconds': seconds, 'pairs_per_s': pairs / seconds,
@@ -158,7 +148,7 @@ def pipeline_payroll(directory: str, database: str, work: str, workers: int) -> 
            '--run_id', 'compare-payroll', *runner_options(workers)]
     for name in generate_payroll.DATASETS:
         cmd += [f'--{name}', os.path.join(directory, f'{name}.parquet')]
-    seconds, peak, text = _run(cmd, os.path.join(work, 'pipeline-payroll.log'))
+    seconds, peak, text = run_logged(cmd, os.path.join(work, 'pipeline-payroll.log'))
     paid = int(text.split(' employees paid')[0].rsplit(' ', 1)[1].replace(',', ''))
     return {'paid': paid, 'seconds': seconds, 'payslips_per_s': paid / seconds, 'peak_rss_mb': peak,
             'command': cmd}

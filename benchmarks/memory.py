@@ -57,3 +57,15 @@ def run_measured(cmd: list[str], *, interval: float = 0.05, env: dict | None = N
     done.set()
     sampler.join()
     return code, time.perf_counter() - start, peak
+
+
+def run_logged(cmd: list[str], log: str) -> tuple[float, float, str]:
+    """Runs ``cmd`` measured (``run_measured``) with its output in ``log``; returns (wall seconds,
+    peak MiB of its process tree, its output). Exits with the log's tail if it fails."""
+    with open(log, 'w') as handle:
+        code, seconds, peak = run_measured(cmd, stdout=handle)
+    with open(log) as handle:
+        text = handle.read()
+    if code != 0:
+        raise SystemExit(f'{" ".join(cmd[:3])} failed with exit code {code}; see {log}:\n{text[-3000:]}')
+    return seconds, peak / 2**20, text

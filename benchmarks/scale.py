@@ -34,7 +34,7 @@ from compare import PERIOD  # noqa: E402
 from compare import matching_data  # noqa: E402
 from compare import payroll_data  # noqa: E402
 from compare import runner_options  # noqa: E402
-from memory import run_measured  # noqa: E402
+from memory import run_logged  # noqa: E402
 from pipelines import generate_payroll  # noqa: E402
 
 RESULTS = os.path.join(BENCHMARKS, 'results')
@@ -42,16 +42,6 @@ RESULTS = os.path.join(BENCHMARKS, 'results')
 
 def _counts(text: str) -> list[int]:
     return [int(x) for x in text.split(',')]
-
-
-def _measure(cmd: list[str], log: str) -> tuple[float, float, str]:
-    with open(log, 'w') as handle:
-        code, seconds, peak = run_measured(cmd, stdout=handle)
-    with open(log) as handle:
-        text = handle.read()
-    if code != 0:
-        raise SystemExit(f'{" ".join(cmd[:3])} failed with exit code {code}:\n{text[-3000:]}')
-    return seconds, peak / 2**20, text
 
 
 def _shown(cmd: list[str], work: str) -> str:
@@ -70,7 +60,7 @@ def run_matching(candidates: int, offers: int, top_k: int | None, workers: int, 
     if top_k:
         cmd += ['--top_k', str(top_k)]
     load = os.getloadavg()[0]
-    seconds, peak, text = _measure(cmd, os.path.join(work, 'run.log'))
+    seconds, peak, text = run_logged(cmd, os.path.join(work, 'run.log'))
     pairs = int(text.split('pairs scored')[1].split()[0].replace(',', ''))
     matches = int(text.split('matches written')[1].split()[0].replace(',', ''))
     return {'pipeline': 'matching', 'candidates': candidates, 'offers': offers, 'top_k': top_k, 'size': candidates,
@@ -86,7 +76,7 @@ def run_payroll(employees: int, workers: int, seed: int, cache: str, work: str) 
     for name in generate_payroll.DATASETS:
         cmd += [f'--{name}', os.path.join(directory, f'{name}.parquet')]
     load = os.getloadavg()[0]
-    seconds, peak, text = _measure(cmd, os.path.join(work, 'run.log'))
+    seconds, peak, text = run_logged(cmd, os.path.join(work, 'run.log'))
     paid = int(text.split(' employees paid')[0].rsplit(' ', 1)[1].replace(',', ''))
     return {'pipeline': 'payroll', 'employees': employees, 'size': employees, 'payslips': paid,
             'seconds': round(seconds, 2), 'payslips_per_s': round(paid / seconds), 'peak_rss_mb': round(peak, 1),

@@ -59,6 +59,7 @@ from transforms.keyed_write import is_last_of_key
 from transforms.routing import RemoveWhenDone
 from transforms.read import for_pyarrow
 from transforms.routing import SplitByKeyBucket
+from transforms.routing import load_pieces
 from transforms.validation import validate_batch
 
 NAME = 'etl'
@@ -376,8 +377,7 @@ class _DeduplicateBucketFn(beam.DoFn):
 
     def process(self, element):
         bucket, pieces = element
-        batches = [piece.load() if hasattr(piece, 'load') else piece for _, piece in pieces]
-        rows = pa.Table.from_batches(batches).combine_chunks()
+        rows = pa.Table.from_batches(load_pieces(pieces)).combine_chunks()
         winners, merged = latest_per_key(rows, self._schema.key)
         for kind, table in (('written', winners), ('merged', merged)):
             if table.num_rows:

@@ -9,7 +9,6 @@ the step that drops them, as a side input.
 For data too big to hold twice, pass the keys from a second read of the same files as ``reference``
 (the matching pipeline does): the records themselves then stream through without being buffered.
 """
-import typing
 
 import apache_beam as beam
 import numpy as np
@@ -87,26 +86,10 @@ def find_duplicates(locations: pa.Table) -> pa.RecordBatch:
         names=[_KEY, schemas.SOURCE_COLUMN, schemas.ROW_COLUMN, 'winner_source', 'winner_row'])
 
 
-class _SplitByBucketFn(beam.DoFn):
-
-    def __init__(self, key: tuple[str, ...], buckets: int):
-        self._key = key
-        self._buckets = buckets
-
-    def process(self, batch: pa.RecordBatch):
-        locations = _key_locations(batch, self._key)
-        buckets = stable_buckets(locations.column(_KEY), self._buckets)
-        order = np.argsort(buckets, kind='stable')
-        bounds = np.searchsorted(buckets[order], np.arange(self._buckets + 1))
-        for bucket in np.flatnonzero(np.diff(bounds)):
-            yield int(bucket), locations.take(pa.array(order[bounds[bucket]:bounds[bucket + 1]]))
-
-
 def _losers_of_bucket(element) -> pa.RecordBatch:
+    from transforms import routing  # routing builds on this module's stable_buckets
     _, parts = element
-    # Batches from the shuffle, or (name, piece) pairs when the locations were spilled (see below).
-    batches = [part[1].load() if isinstance(part, tuple) else part for part in parts]
-    return find_duplicates(pa.Table.from_batches(batches))
+    return find_duplicates(pa.Table.from_batches(routing.load_pieces(parts)))
 
 
 class Losers:
@@ -189,17 +172,12 @@ class FindDuplicateKeys(beam.PTransform):
         self._spill_dir = spill_dir
 
     def expand(self, records):
-        if self._spill_dir is None:
-            routed = records | 'SplitByBucket' >> beam.ParDo(
-                _SplitByBucketFn(self._key, self._buckets)).with_output_types(typing.Tuple[int, pa.RecordBatch])
-        else:
-            from transforms import routing  # routing builds on this module's stable_buckets
-            routed = (records
-                      | 'KeyLocations' >> beam.Map(_key_locations, self._key)
-                      | 'SpillByBucket' >> beam.ParDo(routing.SplitByKeyBucket(
-                          'locations', _KEY, self._buckets, spill_dir=self._spill_dir)))
+        from transforms import routing  # routing builds on this module's stable_buckets
         losers = (
-            routed
+            records
+            | 'KeyLocations' >> beam.Map(_key_locations, self._key)
+            | 'SplitByBucket' >> beam.ParDo(routing.SplitByKeyBucket(
+                'locations', _KEY, self._buckets, spill_dir=self._spill_dir))
             | 'GroupBuckets' >> beam.GroupByKey()
             | 'FindDuplicates' >> beam.Map(_losers_of_bucket).with_output_types(pa.RecordBatch))
         if self._spill_dir is not None:

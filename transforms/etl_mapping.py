@@ -249,14 +249,12 @@ def parse_dates(text: pa.Array, fmt: str) -> pa.Array:
 def _typed(text: pa.Array, field: schemas.Field, mapping: Mapping, fmt: str | None,
            reasons: Reasons) -> pa.Array:
     """``text`` (strings, nulls for empty cells) as ``field``'s type; bad cells become nulls + reasons."""
-    kind = field.value_type if field.is_list else field.type
-    if field.is_list:
+    kind = field.type
+    if field.is_list:  # every canonical list holds strings (skills, contract types, languages)
         lists = pc.split_pattern(text, mapping.list_separator)
-        flat = pc.utf8_trim_whitespace(pc.list_flatten(lists))
-        flat_typed = _typed(flat, dataclasses.replace(field, type=kind), mapping, fmt, {}) \
-            if kind != pa.string() else flat
-        typed = pa.ListArray.from_arrays(lists.offsets, flat_typed, mask=pc.is_null(lists))
-        return pc.fill_null(typed, pa.scalar([], field.type))
+        trimmed = pa.ListArray.from_arrays(lists.offsets, pc.utf8_trim_whitespace(pc.list_flatten(lists)),
+                                           mask=pc.is_null(lists))
+        return pc.fill_null(trimmed.cast(field.type), pa.scalar([], field.type))
     present = pc.is_valid(text).to_numpy(zero_copy_only=False)
     if pa.types.is_string(kind):
         return text

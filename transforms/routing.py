@@ -79,12 +79,17 @@ def bucket_of(key: str, buckets: int) -> int:
     return int(stable_buckets(pa.array([key], pa.string()), buckets)[0])
 
 
+def load_pieces(items) -> list[pa.RecordBatch]:
+    """The batches of grouped ``(name, piece)`` items, read back from their files when spilled."""
+    return [piece.load() if isinstance(piece, SpilledPiece) else piece for _, piece in items]
+
+
 def tagged_tables(items, schemas_by_name: dict) -> dict:
     """The grouped ``(name, batch)`` pieces of one bucket as one table per input name (empty tables
     for inputs with no piece), each in its schema's columns."""
     parts = {name: [] for name in schemas_by_name}
-    for name, batch in items:
-        parts[name].append(batch.load() if isinstance(batch, SpilledPiece) else batch)
+    for name, batch in zip((name for name, _ in items), load_pieces(items)):
+        parts[name].append(batch)
     tables = {}
     for name, schema in schemas_by_name.items():
         target = schema.arrow_schema()

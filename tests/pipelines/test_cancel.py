@@ -7,7 +7,6 @@ import os
 import pathlib
 import queue
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ import pytest
 
 from pipelines import cancel
 from pipelines import generate
+from tests.crash_runs import matching_result
 from transforms import audit
 from transforms import ledger
 from transforms.errors import ConfigError
@@ -34,14 +34,6 @@ def _command(data, output: pathlib.Path, *extra: str) -> list[str]:
     return [sys.executable, '-m', 'pipelines.matching', '--candidates', str(data / 'candidates.parquet'),
             '--offers', str(data / 'offers.parquet'), '--output', str(output), '--run_key', 'matching:cancel',
             '--top_k', '5', *extra]
-
-
-def _result(output: pathlib.Path):
-    files = {str(p.relative_to(output / 'matches')): p.read_bytes()
-             for p in sorted((output / 'matches').glob('*/part-*.parquet'))}
-    with sqlite3.connect(output / 'hrbatch.db') as db:
-        rows = sorted(db.execute('SELECT * FROM matches').fetchall())
-    return files, rows
 
 
 class _Run:
@@ -97,7 +89,7 @@ def _run_id(run: _Run) -> str:
 def clean(data, tmp_path_factory):
     output = tmp_path_factory.mktemp('clean')
     assert subprocess.run(_command(data, output), capture_output=True).returncode == 0
-    return _result(output)
+    return matching_result(output)
 
 
 def _check_cancelled_then_resumed(data, output, run_id, clean, reason):
@@ -113,7 +105,7 @@ def _check_cancelled_then_resumed(data, output, run_id, clean, reason):
     rerun = subprocess.run(_command(data, output), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert 'attempt 2' in rerun.stdout and 'resumed:' in rerun.stdout
-    assert _result(output) == clean       # same files, byte for byte, and no duplicate row
+    assert matching_result(output) == clean       # same files, byte for byte, and no duplicate row
 
 
 def test_ctrl_c_cancels_a_local_run_and_a_rerun_resumes_without_duplicates(data, tmp_path, clean):

@@ -3,7 +3,6 @@ import os
 import pathlib
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -11,6 +10,8 @@ import time
 import pytest
 
 from pipelines import generate
+from tests.crash_runs import matching_result
+from tests.crash_runs import wait_for_commits
 from transforms import ledger
 
 SEED = 20261203
@@ -38,30 +39,12 @@ def _start(command):
                             env={**os.environ, 'PYTHONWARNINGS': 'ignore'}, start_new_session=True)
 
 
-def _result(output: pathlib.Path):
-    """The published result: every matches file (name and bytes) and every database row."""
-    files = {str(p.relative_to(output / 'matches')): p.read_bytes()
-             for p in sorted((output / 'matches').glob('*/part-*.parquet'))}
-    with sqlite3.connect(output / 'hrbatch.db') as db:
-        rows = sorted(db.execute('SELECT * FROM matches').fetchall())
-    return files, rows
-
-
-def _wait_for_commits(output: pathlib.Path, count: int, process, timeout: float = 60.0) -> None:
-    """Returns once ``count`` read tasks are committed (their markers exist) or the run has ended."""
-    deadline = time.monotonic() + timeout
-    while process.poll() is None and time.monotonic() < deadline:
-        if len(list((output / '.checkpoints').glob('*/*.done.json'))) >= count:
-            return
-        time.sleep(0.01)
-
-
-def test_killed_runs_resume_to_exactly_the_clean_result(tmp_path, data):
+def test_killed_runs_resume_to_exactly_the_cleanmatching_result(tmp_path, data):
     clean = tmp_path / 'clean'
     started = time.monotonic()
     assert subprocess.run(_command(data, clean), capture_output=True).returncode == 0
     clean_seconds = time.monotonic() - started
-    expected = _result(clean)
+    expected = matching_result(clean)
     assert expected[0] and expected[1]
 
     rng = random.Random(SEED)
@@ -72,7 +55,7 @@ def test_killed_runs_resume_to_exactly_the_clean_result(tmp_path, data):
         if attempt % 2:
             time.sleep(rng.uniform(0.3, clean_seconds))  # a seeded moment: any stage, launch included
         else:
-            _wait_for_commits(output, rng.randint(1, 16), process)  # a seeded number of committed tasks
+            wait_for_commits(output, rng.randint(1, 16), process)  # a seeded number of committed tasks
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             killed_before_end += 1
@@ -80,7 +63,7 @@ def test_killed_runs_resume_to_exactly_the_clean_result(tmp_path, data):
         resumed = subprocess.run(_command(data, output, '--resume'), capture_output=True, text=True)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         resumed_work += "were committed by the run that died" in resumed.stdout
-        assert _result(output) == expected, f'kill point {attempt} gave another result'
+        assert matching_result(output) == expected, f'kill point {attempt} gave another result'
         runs = ledger.RunLedger(f'sqlite:///{output}/hrbatch.db').list()
         assert runs[0].state == 'succeeded'
         assert not list((output / '.checkpoints').rglob('*.json'))

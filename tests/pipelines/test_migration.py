@@ -6,7 +6,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import apache_beam as beam
 import pyarrow as pa
@@ -17,6 +16,7 @@ from apache_beam.testing.util import equal_to
 
 from pipelines import migration
 from tests import sample_records
+from tests.crash_runs import wait_for_commits
 from transforms import migrations
 from transforms import schemas
 from transforms.errors import ConfigError
@@ -252,14 +252,6 @@ def _letters(output):
                   for letter in _dead_letters(output))
 
 
-def _wait_for_commits(output: pathlib.Path, count: int, process, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while process.poll() is None and time.monotonic() < deadline:
-        if len(list((output / '.checkpoints').glob('*/*.done.json'))) >= count:
-            return
-        time.sleep(0.01)
-
-
 def test_a_killed_run_resumes_to_exactly_the_clean_result(tmp_path, big_v1):
     clean = tmp_path / 'clean'
     done = subprocess.run(_command(big_v1, clean), capture_output=True, text=True)
@@ -272,7 +264,7 @@ def test_a_killed_run_resumes_to_exactly_the_clean_result(tmp_path, big_v1):
         output = tmp_path / f'killed-{attempt}'
         process = subprocess.Popen(_command(big_v1, output), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    env={**os.environ, 'PYTHONWARNINGS': 'ignore'}, start_new_session=True)
-        _wait_for_commits(output, rng.randint(1, 14), process)
+        wait_for_commits(output, rng.randint(1, 14), process)
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             killed += 1
